@@ -1,0 +1,100 @@
+//! The builder: packs a source directory into a phoenixfs image.
+//!
+//! Owns: walking the source tree ([`source`]), reading, hashing, compressing and storing file
+//! data chunk by chunk in parallel ([`chunker`]), and putting bootstrap, chunk table and image
+//! file together. The same input always gives byte-identical output.
+//!
+//! Must never: publish an image whose chunks are not all stored, publish an image of a tree
+//! that changed while it was read, or know about mounts, FUSE or cachefiles.
+
+pub mod chunker;
+mod error;
+pub mod source;
+
+use std::path::Path;
+
+use phoenixfs_format::chunk::DEFAULT_CHUNK_BITS;
+use phoenixfs_format::tree::NodeKind;
+use phoenixfs_format::writer::{write_bootstrap, BlobDevice};
+use phoenixfs_format::{ImageFile, ImageId};
+use phoenixfs_store::ChunkStore;
+
+pub use chunker::ChunkOutcome;
+pub use error::BuildError;
+
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// log2 of the chunk size, 12 (4 KiB) to 26 (64 MiB).
+    pub chunk_bits: u8,
+    pub zstd_level: i32,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions { chunk_bits: DEFAULT_CHUNK_BITS, zstd_level: 1, progress: false }
+    }
+}
+
+/// What a build produced.
+#[derive(Debug, Clone)]
+pub struct Built {
+    pub id: ImageId,
+    /// The image file's bytes, already stored in the store under `id`.
+    pub image_file: Vec<u8>,
+    pub stats: BuildStats,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BuildStats {
+    pub inodes: u64,
+    pub regular_files: u64,
+    pub directories: u64,
+    pub logical_bytes: u64,
+    /// Distinct chunks in the image.
+    pub chunks: u64,
+    /// Chunks the store did not have before this build.
+    pub new_chunks: u64,
+    /// Bytes those new chunks take in the store.
+    pub new_stored_bytes: u64,
+}
+
+/// Packs `src` into an image: chunks go to `store`, then the image file itself.
+pub fn build(src: &Path, store: &dyn ChunkStore, options: &BuildOptions) -> Result<Built, BuildError> {
+    let chunk_bits = options.chunk_bits;
+    let chunk_range = phoenixfs_format::chunk::MIN_CHUNK_BITS..=phoenixfs_format::chunk::MAX_CHUNK_BITS;
+    if !chunk_range.contains(&chunk_bits) {
+        return Err(BuildError::ChunkSize(chunk_bits));
+    }
+    let scan = source::scan(src)?;
+    let mut tree = scan.tree;
+    let processed = chunker::process(&scan.files, store, options)?;
+
+    let mut stats = BuildStats { inodes: tree.nodes.len() as u64, ..Default::default() };
+    for node in &tree.nodes {
+        match &node.kind {
+            NodeKind::Dir(_) => stats.directories += 1,
+            NodeKind::File(_) => stats.regular_files += 1,
+            _ => {}
+        }
+    }
+    for (file, data) in scan.files.iter().zip(processed.file_data) {
+        stats.logical_bytes += file.size;
+        tree.nodes[file.node].kind = NodeKind::File(data);
+    }
+    stats.chunks = processed.table.entries.len() as u64;
+    stats.new_chunks = processed.new_chunks;
+    stats.new_stored_bytes = processed.new_stored_bytes;
+
+    let blob = BlobDevice {
+        tag: processed.table.blob_tag(),
+        chunk_bits,
+        chunks: u32::try_from(processed.table.entries.len()).map_err(|_| BuildError::TooManyChunks)?,
+    };
+    let bootstrap = write_bootstrap(&tree, &blob)?;
+    let image_file = ImageFile::encode(&bootstrap, &processed.table);
+    let id = ImageId::of(&image_file);
+    store.put_image(&id, &image_file)?;
+    Ok(Built { id, image_file, stats })
+}

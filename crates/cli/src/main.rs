@@ -1,1 +1,108 @@
-fn main(){}
+//! `phoenixfs`: the command line.
+//!
+//! Owns: argument parsing, turning library errors into one clear line and a non-zero exit,
+//! logging setup, and what each command prints. Must never: hold logic a daemon or a test
+//! would need too; that lives in the library crates.
+
+mod commands;
+mod image_arg;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "phoenixfs", version, about = "Lazy-loading, kill-proof read-only file system images")]
+struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Pack a directory into an image: chunks into STORE, the image file to IMAGE.
+    Build {
+        /// The directory to pack.
+        src: PathBuf,
+        /// The chunk store (a local directory; created when missing).
+        #[arg(long)]
+        store: PathBuf,
+        /// Where to write the image file.
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+        /// Chunk size: a power of two from 4K to 64M (suffixes K, M; bytes without one).
+        #[arg(long, default_value = "1M", value_parser = commands::build::parse_chunk_size)]
+        chunk_size: u8,
+        /// zstd compression level for chunks.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
+        zstd_level: i32,
+    },
+    /// Show what an image holds.
+    Inspect {
+        /// An image file, or an image id in --store.
+        image: String,
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read and verify every chunk an image needs; exit non-zero if any is missing or corrupt.
+    Check {
+        /// An image file, or an image id in --store.
+        image: String,
+        #[arg(long)]
+        store: PathBuf,
+    },
+    /// Write an image's data blob, uncompressed, to a file (for the kernel's own EROFS:
+    /// `mount -t erofs -o device=BLOB IMAGE DIR`).
+    Blob {
+        /// An image file, or an image id in --store.
+        image: String,
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Build { src, store, output, chunk_size, zstd_level } => {
+            commands::build::run(&src, &store, &output, chunk_size, zstd_level)
+        }
+        Command::Inspect { image, store, json } => commands::inspect::run(&image, store.as_deref(), json),
+        Command::Check { image, store } => commands::check::run(&image, &store),
+        Command::Blob { image, store, output } => commands::blob::run(&image, &store, &output),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("phoenixfs: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}

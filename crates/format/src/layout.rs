@@ -155,7 +155,6 @@ impl SuperBlock {
         put32(b, 80, self.feature_incompat);
         put16(b, 86, self.extra_devices);
         put16(b, 88, self.devt_slotoff);
-        b[90] = BLOCK_BITS;
     }
 
     /// Parses and validates the superblock of `image`.

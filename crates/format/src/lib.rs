@@ -34,6 +34,7 @@ pub mod error;
 pub mod image;
 pub mod layout;
 pub mod reader;
+pub mod summary;
 pub mod tree;
 pub mod writer;
 

@@ -1,0 +1,82 @@
+use std::fs;
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use phoenixfs_builder::{build, BuildOptions};
+use phoenixfs_format::chunk::{MAX_CHUNK_BITS, MIN_CHUNK_BITS};
+use phoenixfs_store::LocalStore;
+
+pub fn run(src: &Path, store: &Path, output: &Path, chunk_bits: u8, zstd_level: i32) -> Result<ExitCode> {
+    let store = LocalStore::create(store)?;
+    let options = BuildOptions { chunk_bits, zstd_level, progress: std::io::stderr().is_terminal() };
+    let built = build(src, &store, &options)?;
+    write_atomically(output, &built.image_file)?;
+    let s = &built.stats;
+    println!("{}", built.id);
+    eprintln!(
+        "built {}: {} inodes ({} files, {} directories), {} bytes, {} chunks ({} new, {} bytes stored)",
+        output.display(),
+        s.inodes,
+        s.regular_files,
+        s.directories,
+        s.logical_bytes,
+        s.chunks,
+        s.new_chunks,
+        s.new_stored_bytes
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes to a temporary file beside `path` and renames it, so `path` is complete or absent.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.write_all(bytes)
+        .and_then(|()| tmp.as_file().sync_all())
+        .with_context(|| format!("writing {}", path.display()))?;
+    tmp.persist(path).with_context(|| format!("writing {}", path.display()))?;
+    let _ = fs::File::open(dir).and_then(|d| d.sync_all());
+    Ok(())
+}
+
+pub fn parse_chunk_size(text: &str) -> Result<u8, String> {
+    let lower = text.to_ascii_lowercase();
+    let trimmed = lower.trim_end_matches("ib").trim_end_matches('b');
+    let (digits, scale) = match trimmed.chars().last() {
+        Some('k') => (&trimmed[..trimmed.len() - 1], 1u64 << 10),
+        Some('m') => (&trimmed[..trimmed.len() - 1], 1u64 << 20),
+        _ => (trimmed, 1),
+    };
+    let bytes = digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("{text:?} is not a size"))?;
+    let bits = bytes.trailing_zeros() as u8;
+    if !bytes.is_power_of_two() || !(MIN_CHUNK_BITS..=MAX_CHUNK_BITS).contains(&bits) {
+        return Err(format!("chunk size {text} must be a power of two from 4K to 64M"));
+    }
+    Ok(bits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_chunk_size;
+
+    #[test]
+    fn chunk_sizes_parse() {
+        assert_eq!(parse_chunk_size("1M"), Ok(20));
+        assert_eq!(parse_chunk_size("4k"), Ok(12));
+        assert_eq!(parse_chunk_size("64MiB"), Ok(26));
+        assert_eq!(parse_chunk_size("65536"), Ok(16));
+        assert!(parse_chunk_size("3M").is_err());
+        assert!(parse_chunk_size("2K").is_err());
+        assert!(parse_chunk_size("128M").is_err());
+        assert!(parse_chunk_size("lots").is_err());
+    }
+}

@@ -1,0 +1,30 @@
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use phoenixfs_format::summary::summarize;
+use phoenixfs_store::{verify_chunks, ChunkProblem, LocalStore};
+
+use crate::image_arg;
+
+pub fn run(image: &str, store: &Path) -> Result<ExitCode> {
+    let store = LocalStore::open(store)?;
+    let file = image_arg::load(image, Some(&store))?;
+    summarize(&file).with_context(|| format!("image {image} is corrupt"))?;
+    let problems = verify_chunks(&store, &file.table, &|_| {});
+    for (index, entry, problem) in &problems {
+        match problem {
+            ChunkProblem::Missing => eprintln!("missing chunk {} (blob chunk {index})", entry.digest),
+            ChunkProblem::Corrupt(why) => eprintln!("corrupt chunk {} (blob chunk {index}): {why}", entry.digest),
+            ChunkProblem::Unreadable(why) => eprintln!("unreadable chunk {} (blob chunk {index}): {why}", entry.digest),
+        }
+    }
+    let total = file.table.entries.len();
+    if problems.is_empty() {
+        println!("ok: image {} and all {total} chunks verified", file.id);
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("FAILED: {} of {total} chunks of image {} are missing or corrupt", problems.len(), file.id);
+        Ok(ExitCode::FAILURE)
+    }
+}

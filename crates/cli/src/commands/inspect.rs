@@ -1,0 +1,47 @@
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use phoenixfs_format::summary::summarize;
+use phoenixfs_store::LocalStore;
+
+use crate::image_arg;
+
+pub fn run(image: &str, store: Option<&Path>, json: bool) -> Result<ExitCode> {
+    let store = store.map(LocalStore::open).transpose()?;
+    let file = image_arg::load(image, store.as_ref())?;
+    let s = summarize(&file).with_context(|| format!("image {image} is corrupt"))?;
+    if json {
+        let value = serde_json::json!({
+            "id": file.id.to_string(),
+            "paths": s.paths,
+            "directories": s.directories,
+            "regular_files": s.regular_files,
+            "symlinks": s.symlinks,
+            "special_files": s.special_files,
+            "inline_files": s.inline_files,
+            "logical_bytes": s.logical_bytes,
+            "chunk_size": s.chunk_size,
+            "chunks": s.chunks,
+            "chunk_bytes": s.chunk_bytes,
+            "stored_chunk_bytes": s.stored_chunk_bytes,
+            "chunk_references": s.chunk_references,
+            "referenced_bytes": s.referenced_bytes,
+            "bootstrap_bytes": s.bootstrap_bytes,
+            "stored_bytes": s.stored_chunk_bytes + s.bootstrap_bytes,
+            "dedup_ratio": s.dedup_ratio(),
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!("image        {}", file.id);
+        println!("paths        {}", s.paths);
+        println!("files        {} regular ({} inline), {} symlinks, {} special", s.regular_files, s.inline_files, s.symlinks, s.special_files);
+        println!("directories  {}", s.directories);
+        println!("logical      {} bytes", s.logical_bytes);
+        println!("chunk size   {} bytes", s.chunk_size);
+        println!("chunks       {} distinct ({} bytes), {} references ({} bytes)", s.chunks, s.chunk_bytes, s.chunk_references, s.referenced_bytes);
+        println!("stored       {} bytes ({} in chunks, {} metadata)", s.stored_chunk_bytes + s.bootstrap_bytes, s.stored_chunk_bytes, s.bootstrap_bytes);
+        println!("dedup        {:.2}x", s.dedup_ratio());
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,4 @@
+pub mod blob;
+pub mod build;
+pub mod check;
+pub mod inspect;

@@ -1,0 +1,40 @@
+//! Proving that a store holds every chunk of a chunk table, intact.
+
+use phoenixfs_format::chunk::decode_chunk;
+use phoenixfs_format::{ChunkEntry, ChunkTable};
+use rayon::prelude::*;
+
+use crate::{ChunkStore, StoreError};
+
+/// What is wrong with one chunk.
+#[derive(Debug)]
+pub enum ChunkProblem {
+    Missing,
+    Corrupt(String),
+    Unreadable(StoreError),
+}
+
+/// Fetches and verifies every chunk of `table` (in parallel); returns the bad ones by table
+/// index, in order. `on_chunk` is called once per chunk checked, for progress.
+pub fn verify_chunks(
+    store: &dyn ChunkStore,
+    table: &ChunkTable,
+    on_chunk: &(dyn Fn(&ChunkEntry) + Sync),
+) -> Vec<(usize, ChunkEntry, ChunkProblem)> {
+    let mut problems: Vec<_> = table
+        .entries
+        .par_iter()
+        .enumerate()
+        .filter_map(|(index, entry)| {
+            let problem = match store.get_chunk(&entry.digest) {
+                Ok(stored) => decode_chunk(entry, &stored).err().map(|e| ChunkProblem::Corrupt(e.to_string())),
+                Err(StoreError::NotFound { .. }) => Some(ChunkProblem::Missing),
+                Err(e) => Some(ChunkProblem::Unreadable(e)),
+            };
+            on_chunk(entry);
+            problem.map(|p| (index, *entry, p))
+        })
+        .collect();
+    problems.sort_by_key(|(index, _, _)| *index);
+    problems
+}
