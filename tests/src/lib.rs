@@ -1,0 +1,75 @@
+//! Shared helpers for phoenixfs's end-to-end tests: the all-cases source tree, snapshots of a
+//! tree (through any mount, or through our own image reader) to compare against the source,
+//! the kernel's own EROFS mount as an oracle, and running the `phoenixfs` binary.
+//!
+//! Tests need root (mknod, chown, losetup, mount) and erofs-utils; `scripts/test` provides both.
+
+pub mod kernel;
+pub mod snapshot;
+pub mod trees;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The `phoenixfs` binary built beside the test executable (`cargo build` puts it in the
+/// target directory's profile folder, one level above `deps/`).
+pub fn phoenixfs_bin() -> PathBuf {
+    let bin = profile_dir().join("phoenixfs");
+    assert!(bin.exists(), "{} is missing: run `cargo build --workspace` before the tests (scripts/test does)", bin.display());
+    bin
+}
+
+pub fn phoenixfs() -> Command {
+    Command::new(phoenixfs_bin())
+}
+
+/// `target/<profile>`, found from the test executable in `target/<profile>/deps/`.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf()
+}
+
+/// Runs `cmd`, panics with its stderr unless it succeeds, returns its stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed ({}):\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// Runs `cmd` and returns its whole output, whatever the exit status.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
+}
+
+/// Builds `src` into `store` with the CLI; returns (image path, image id).
+pub fn build_image(src: &Path, store: &Path, out_dir: &Path, extra: &[&str]) -> (PathBuf, String) {
+    let image = out_dir.join("image.phx");
+    let id = run_ok(phoenixfs().arg("build").arg(src).arg("--store").arg(store).arg("-o").arg(&image).args(extra));
+    (image, id.trim().to_string())
+}
+
+/// Materialises the image's blob with the CLI; None when the image has no chunks.
+pub fn export_blob(image: &Path, store: &Path, out: &Path) -> Option<PathBuf> {
+    run_ok(phoenixfs().arg("blob").arg(image).arg("--store").arg(store).arg("-o").arg(out));
+    (std::fs::metadata(out).expect("blob written").len() > 0).then(|| out.to_path_buf())
+}
+
+/// `fsck.erofs --extract` on a bootstrap and its blob: checks metadata and reads every file.
+pub fn fsck_erofs(image: &Path, blob: Option<&Path>) -> Output {
+    let mut cmd = Command::new("fsck.erofs");
+    if let Some(blob) = blob {
+        cmd.arg(format!("--device={}", blob.display()));
+    }
+    run(cmd.arg("--extract").arg(image))
+}
+
+/// A fresh, empty directory under the target directory, named for a fixture; kept after the
+/// run for inspection and replaced by the next one (so nothing piles up in /tmp).
+pub fn fixture_dir(name: &str) -> PathBuf {
+    let dir = profile_dir().join("../test-fixtures").join(name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("clearing {}: {e}", dir.display()));
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
