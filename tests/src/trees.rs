@@ -151,10 +151,8 @@ pub fn all_cases(root: &Path) {
     write(&deep.join("bottom"), b"bottom");
 
     // Times last: creating entries changes directory mtimes.
-    let mut nsec = 1;
-    for path in walk_paths(root) {
-        set_mtime(&path, 1_600_000_000 + nsec * 7, (nsec * 123_456_789) % 1_000_000_000);
-        nsec += 1;
+    for (n, path) in (1..).zip(walk_paths(root)) {
+        set_mtime(&path, 1_600_000_000 + n * 7, (n * 123_456_789) % 1_000_000_000);
     }
     set_mtime(&files.join("tiny"), -1, 5);
 }

@@ -117,6 +117,9 @@ impl ChunkTable {
         if version != TABLE_VERSION {
             return Err(FormatError::Unsupported { what: "chunk table version", value: version.into() });
         }
+        if header[11] != 0 {
+            return Err(bad("reserved header byte is not zero".into()));
+        }
         let chunk_bits = header[10];
         if !(MIN_CHUNK_BITS..=MAX_CHUNK_BITS).contains(&chunk_bits) {
             return Err(FormatError::Unsupported { what: "chunk size bits", value: chunk_bits.into() });
@@ -139,6 +142,9 @@ impl ChunkTable {
                     other => return Err(bad(format!("entry {i} has compression {other}"))),
                 },
             };
+            if e[41..].iter().any(|&b| b != 0) {
+                return Err(bad(format!("entry {i} has non-zero reserved bytes")));
+            }
             let raw_mismatch = entry.compression == Compression::None && entry.stored_length != entry.length;
             if entry.length == 0 || u64::from(entry.length) > chunk_size || entry.stored_length == 0 || raw_mismatch {
                 return Err(bad(format!("entry {i} has length {} stored as {}", entry.length, entry.stored_length)));

@@ -86,6 +86,9 @@ impl ImageFile {
         if le32(footer, 8) != FOOTER_VERSION {
             return Err(FormatError::Unsupported { what: "image version", value: le32(footer, 8).into() });
         }
+        if le32(footer, 12) != 0 {
+            return Err(FormatError::corrupt("image footer", "reserved bytes are not zero"));
+        }
         let (bootstrap_len, table_len) = (le64(footer, 16), le64(footer, 24));
         if bootstrap_len.checked_add(table_len) != Some(body_len as u64) || bootstrap_len % BLOCK_SIZE as u64 != 0 {
             return Err(FormatError::corrupt("image footer", format!("lengths {bootstrap_len} + {table_len} != {body_len}")));

@@ -347,7 +347,7 @@ impl Bootstrap {
             .checked_mul(unit)
             .ok_or_else(|| FormatError::corrupt("chunk indexes", format!("nid {} size {}", inode.nid, inode.size())))?;
         let table = slice_at(&self.data, table_start, table_len, "chunk indexes")?;
-        let device_mask = (u16::from(self.sb.extra_devices) + 1).next_power_of_two() - 1;
+        let device_mask = (self.sb.extra_devices + 1).next_power_of_two() - 1;
         let mut out = Vec::new();
         let mut pos = offset;
         while pos < end {
@@ -416,8 +416,11 @@ impl Bootstrap {
     }
 }
 
-/// Entries of one directory block: (name, nid, file type).
-fn parse_dir_block(block: &[u8]) -> Result<Vec<(&[u8], Nid, u8)>, FormatError> {
+/// One parsed dirent: (name, nid, file type).
+type RawDirEntry<'a> = (&'a [u8], Nid, u8);
+
+/// Entries of one directory block.
+fn parse_dir_block(block: &[u8]) -> Result<Vec<RawDirEntry<'_>>, FormatError> {
     let bad = |detail: String| FormatError::corrupt("directory block", detail);
     if block.len() < DIRENT_SIZE {
         return Err(bad(format!("{} bytes", block.len())));
