@@ -337,6 +337,12 @@ impl InodeCore {
     }
 }
 
+/// Whether `data_len` bytes of inline data fit in one block with an extended inode and an
+/// xattr area of `xattr_len` bytes: the kernel refuses inline data that crosses a block.
+pub fn fits_inline(xattr_len: usize, data_len: u64) -> bool {
+    (INODE_EXTENDED_SIZE + xattr_len) as u64 + data_len <= BLOCK_SIZE as u64
+}
+
 pub fn xattr_size_of_icount(icount: u16) -> usize {
     if icount == 0 {
         0

@@ -3,7 +3,7 @@
 //! The builder fills it from a source directory; tests can fill it by hand. Node 0 is the root
 //! directory. A node reached through several directory entries is a hard link.
 
-use crate::layout::{self, INODE_EXTENDED_SIZE, BLOCK_SIZE};
+use crate::layout;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tree {
@@ -92,5 +92,5 @@ pub fn xattr_area_size(xattrs: &[Xattr]) -> usize {
 /// Whether data of `size` bytes fits in the same block as its inode and xattrs, which is
 /// what inline data needs. Decides between inline and chunked regular files.
 pub fn fits_inline(size: u64, xattrs: &[Xattr]) -> bool {
-    INODE_EXTENDED_SIZE as u64 + xattr_area_size(xattrs) as u64 + size <= BLOCK_SIZE as u64
+    layout::fits_inline(xattr_area_size(xattrs), size)
 }

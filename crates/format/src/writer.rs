@@ -163,7 +163,7 @@ pub fn write_bootstrap(tree: &Tree, blob: &BlobDevice) -> Result<Vec<u8>, WriteE
 fn data_payload(data: &[u8], xattr_len: usize) -> Payload {
     if data.is_empty() {
         Payload::None
-    } else if INODE_EXTENDED_SIZE + xattr_len + data.len() <= BLOCK_SIZE {
+    } else if layout::fits_inline(xattr_len, data.len() as u64) {
         Payload::Inline(data.to_vec())
     } else {
         Payload::Plain(data.to_vec())
