@@ -59,6 +59,43 @@ enum Command {
         #[arg(long)]
         store: PathBuf,
     },
+    /// Mount an image; its chunks are fetched from STORE when first read.
+    Mount {
+        /// An image file, or an image id in --store.
+        image: String,
+        mountpoint: PathBuf,
+        #[arg(long)]
+        store: PathBuf,
+        /// Cache directory [default: $XDG_CACHE_HOME/phoenixfs or /var/cache/phoenixfs].
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        /// Size limit of the cache directory (suffixes K, M, G, T).
+        #[arg(long, default_value = "10G", value_parser = commands::build::parse_size)]
+        cache_size: u64,
+        /// Stay in the foreground (logs on stderr) instead of running as a daemon.
+        #[arg(long)]
+        foreground: bool,
+        /// A file listing paths in the image (one per line) to fetch in the background.
+        #[arg(long)]
+        prefetch: Option<PathBuf>,
+        /// Fetch the whole image in the background.
+        #[arg(long)]
+        prefetch_all: bool,
+        /// How far ahead of a sequential reader to fetch (0 disables readahead).
+        #[arg(long, default_value = "8M", value_parser = commands::build::parse_size)]
+        readahead: u64,
+        /// Threads serving FUSE requests [default: twice the cores, at least 4].
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Unmount a phoenixfs mount (detached lazily when files are still open).
+    Umount { mountpoint: PathBuf },
+    /// Show what a mount (or every phoenixfs mount) is doing.
+    Status {
+        mountpoint: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Write an image's data blob, uncompressed, to a file (for the kernel's own EROFS:
     /// `mount -t erofs -o device=BLOB IMAGE DIR`).
     Blob {
@@ -81,6 +118,22 @@ fn main() -> ExitCode {
         Command::Inspect { image, store, json } => commands::inspect::run(&image, store.as_deref(), json),
         Command::Check { image, store } => commands::check::run(&image, &store),
         Command::Blob { image, store, output } => commands::blob::run(&image, &store, &output),
+        Command::Mount { image, mountpoint, store, cache, cache_size, foreground, prefetch, prefetch_all, readahead, threads } => {
+            commands::mount::run(commands::mount::MountArgs {
+                image,
+                mountpoint,
+                store,
+                cache,
+                cache_size,
+                foreground,
+                prefetch_list: prefetch,
+                prefetch_all,
+                readahead,
+                threads,
+            })
+        }
+        Command::Umount { mountpoint } => commands::mount::umount(&mountpoint),
+        Command::Status { mountpoint, json } => commands::status::run(mountpoint.as_deref(), json),
     };
     match result {
         Ok(code) => code,

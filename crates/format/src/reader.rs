@@ -208,12 +208,34 @@ impl Bootstrap {
     /// All entries of `dir`, including `.` and `..`, in on-disk (sorted) order.
     pub fn read_dir(&self, dir: &Inode) -> Result<Vec<DirEntry>, FormatError> {
         let mut out = Vec::new();
-        for block in 0..self.dir_block_count(dir)? {
-            for (name, nid, file_type) in parse_dir_block(self.dir_block(dir, block)?)? {
-                out.push(DirEntry { name: name.to_vec(), nid, file_type });
-            }
-        }
+        self.for_each_dir_entry(dir, 0, &mut |entry, _| {
+            out.push(entry);
+            true
+        })?;
         Ok(out)
+    }
+
+    /// Calls `visit` with each entry of `dir` from position `cookie` on, and the cookie that
+    /// resumes after it, until `visit` returns false. A cookie is `block << 12 | index`: it
+    /// comes from the image alone, so any process can resume any listing. 0 is the start.
+    pub fn for_each_dir_entry(
+        &self,
+        dir: &Inode,
+        cookie: u64,
+        visit: &mut dyn FnMut(DirEntry, u64) -> bool,
+    ) -> Result<(), FormatError> {
+        let (first_block, mut first_index) = (cookie >> BLOCK_BITS, (cookie & (BLOCK_SIZE as u64 - 1)) as usize);
+        for block in first_block..self.dir_block_count(dir)? {
+            let entries = parse_dir_block(self.dir_block(dir, block)?)?;
+            for (index, (name, nid, file_type)) in entries.into_iter().enumerate().skip(first_index) {
+                let next = (block << BLOCK_BITS) | (index as u64 + 1);
+                if !visit(DirEntry { name: name.to_vec(), nid, file_type }, next) {
+                    return Ok(());
+                }
+            }
+            first_index = 0;
+        }
+        Ok(())
     }
 
     fn dir_block_count(&self, dir: &Inode) -> Result<u64, FormatError> {

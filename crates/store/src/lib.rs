@@ -8,6 +8,7 @@
 //! written object under its final name, or know about mounts, FUSE or cachefiles.
 
 mod local;
+mod memory;
 mod verify;
 
 use std::io;
@@ -17,6 +18,7 @@ use phoenixfs_format::{Digest, ImageId};
 use thiserror::Error;
 
 pub use local::LocalStore;
+pub use memory::MemoryStore;
 pub use verify::{verify_chunks, ChunkProblem};
 
 #[derive(Debug, Error)]

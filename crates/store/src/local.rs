@@ -47,7 +47,8 @@ impl LocalStore {
             let source = io::Error::new(io::ErrorKind::NotADirectory, "not a directory");
             return Err(StoreError::Io { action: "opening store", path: root.to_path_buf(), source });
         }
-        Ok(LocalStore { root: root.to_path_buf() })
+        let root = fs::canonicalize(root).map_err(io_err("opening store", root))?;
+        Ok(LocalStore { root })
     }
 
     pub fn root(&self) -> &Path {

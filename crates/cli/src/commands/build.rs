@@ -44,19 +44,26 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-pub fn parse_chunk_size(text: &str) -> Result<u8, String> {
-    let lower = text.to_ascii_lowercase();
+/// A byte count with an optional binary suffix: K, M, G, T (KiB, MiB, ... spelled out too).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let lower = text.trim().to_ascii_lowercase();
     let trimmed = lower.trim_end_matches("ib").trim_end_matches('b');
-    let (digits, scale) = match trimmed.chars().last() {
-        Some('k') => (&trimmed[..trimmed.len() - 1], 1u64 << 10),
-        Some('m') => (&trimmed[..trimmed.len() - 1], 1u64 << 20),
-        _ => (trimmed, 1),
+    let (digits, shift) = match trimmed.chars().last() {
+        Some('k') => (&trimmed[..trimmed.len() - 1], 10),
+        Some('m') => (&trimmed[..trimmed.len() - 1], 20),
+        Some('g') => (&trimmed[..trimmed.len() - 1], 30),
+        Some('t') => (&trimmed[..trimmed.len() - 1], 40),
+        _ => (trimmed, 0),
     };
-    let bytes = digits
+    digits
         .parse::<u64>()
         .ok()
-        .and_then(|n| n.checked_mul(scale))
-        .ok_or_else(|| format!("{text:?} is not a size"))?;
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("{text:?} is not a size"))
+}
+
+pub fn parse_chunk_size(text: &str) -> Result<u8, String> {
+    let bytes = parse_size(text)?;
     let bits = bytes.trailing_zeros() as u8;
     if !bytes.is_power_of_two() || !(MIN_CHUNK_BITS..=MAX_CHUNK_BITS).contains(&bits) {
         return Err(format!("chunk size {text} must be a power of two from 4K to 64M"));
@@ -66,7 +73,7 @@ pub fn parse_chunk_size(text: &str) -> Result<u8, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_chunk_size;
+    use super::{parse_chunk_size, parse_size};
 
     #[test]
     fn chunk_sizes_parse() {
@@ -78,5 +85,7 @@ mod tests {
         assert!(parse_chunk_size("2K").is_err());
         assert!(parse_chunk_size("128M").is_err());
         assert!(parse_chunk_size("lots").is_err());
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
     }
 }

@@ -2,3 +2,5 @@ pub mod blob;
 pub mod build;
 pub mod check;
 pub mod inspect;
+pub mod mount;
+pub mod status;

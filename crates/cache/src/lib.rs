@@ -1,0 +1,332 @@
+//! The local chunk cache, shared by every image on the host.
+//!
+//! Owns: chunk files under `DIR/chunks/ab/<sha256>` (uncompressed), written under a temporary
+//! name and renamed only when complete, so a crash mid-write leaves nothing under a chunk's
+//! name; every file is verified against its digest when loaded, and a torn or corrupt one is
+//! deleted and fetched again. Concurrent readers of one chunk share one fetch (single-flight).
+//! Verified chunks also stay in a bounded memory LRU so the several READ requests that cover
+//! one chunk hash it once. The disk part is bounded too: least recently used files go first,
+//! and a chunk a reader holds lives on in memory whatever happens to its file.
+//!
+//! Must never: serve bytes that did not match their digest, hold a lock while fetching, or
+//! know about FUSE, images or paths inside images.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use phoenixfs_format::chunk::decode_chunk;
+use phoenixfs_format::{ChunkEntry, Digest};
+use phoenixfs_store::{ChunkStore, StoreError};
+use thiserror::Error;
+use tracing::{debug, warn};
+
+/// Fetch attempts before a chunk is given up on (the store may be restarting, or flaky).
+const FETCH_ATTEMPTS: u32 = 5;
+const FIRST_BACKOFF: Duration = Duration::from_millis(20);
+
+#[derive(Debug, Error, Clone)]
+pub enum CacheError {
+    #[error("chunk {digest}: the store returned bad data {attempts} times: {detail}")]
+    Corrupt { digest: Digest, attempts: u32, detail: String },
+    #[error("chunk {digest}: {detail}")]
+    Store { digest: Digest, detail: String },
+    #[error("cache directory {}: {detail}", path.display())]
+    Io { path: PathBuf, detail: String },
+}
+
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    /// Served from memory.
+    pub memory_hits: AtomicU64,
+    /// Loaded and verified from the cache directory.
+    pub disk_hits: AtomicU64,
+    /// Fetched from the store.
+    pub fetches: AtomicU64,
+    pub fetched_bytes: AtomicU64,
+    /// Cache files that failed verification and were deleted.
+    pub corrupt_discarded: AtomicU64,
+    /// Chunk files removed to stay under the size limit.
+    pub evictions: AtomicU64,
+}
+
+struct Flight {
+    result: Mutex<Option<Result<Arc<[u8]>, CacheError>>>,
+    done: Condvar,
+}
+
+#[derive(Default)]
+struct Inner {
+    tick: u64,
+    memory: HashMap<Digest, (Arc<[u8]>, u64)>,
+    memory_bytes: u64,
+    disk: HashMap<Digest, (u64, u64)>,
+    disk_bytes: u64,
+    flights: HashMap<Digest, Arc<Flight>>,
+}
+
+pub struct ChunkCache {
+    dir: PathBuf,
+    disk_limit: u64,
+    memory_limit: u64,
+    inner: Mutex<Inner>,
+    pub stats: CacheStats,
+}
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
+    move |e| CacheError::Io { path: path.to_path_buf(), detail: e.to_string() }
+}
+
+impl ChunkCache {
+    /// Opens (creating when needed) the cache in `dir`, indexes the chunks already there, and
+    /// removes leftovers of interrupted writes.
+    pub fn open(dir: &Path, disk_limit: u64, memory_limit: u64) -> Result<Self, CacheError> {
+        let chunks = dir.join("chunks");
+        let tmp = dir.join("tmp");
+        fs::create_dir_all(&chunks).map_err(io_error(&chunks))?;
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).map_err(io_error(&tmp))?;
+        }
+        fs::create_dir_all(&tmp).map_err(io_error(&tmp))?;
+        let mut found = Vec::new();
+        for sub in fs::read_dir(&chunks).map_err(io_error(&chunks))? {
+            let sub = sub.map_err(io_error(&chunks))?.path();
+            for file in fs::read_dir(&sub).map_err(io_error(&sub))? {
+                let file = file.map_err(io_error(&sub))?;
+                let Some(digest) = file.file_name().to_str().and_then(|n| n.parse::<Digest>().ok()) else { continue };
+                let meta = file.metadata().map_err(io_error(&sub))?;
+                found.push((meta.modified().ok(), digest, meta.len()));
+            }
+        }
+        found.sort();
+        let mut inner = Inner::default();
+        for (_, digest, len) in found {
+            inner.tick += 1;
+            inner.disk.insert(digest, (len, inner.tick));
+            inner.disk_bytes += len;
+        }
+        let cache = ChunkCache { dir: dir.to_path_buf(), disk_limit, memory_limit, inner: Mutex::new(inner), stats: CacheStats::default() };
+        cache.evict_disk(None);
+        Ok(cache)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// (chunk files, bytes) on disk.
+    pub fn disk_usage(&self) -> (u64, u64) {
+        let inner = self.lock();
+        (inner.disk.len() as u64, inner.disk_bytes)
+    }
+
+    pub fn chunk_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.to_hex();
+        self.dir.join("chunks").join(&hex[..2]).join(hex)
+    }
+
+    /// Whether the chunk is cached (in memory or on disk).
+    pub fn contains(&self, digest: &Digest) -> bool {
+        let inner = self.lock();
+        inner.memory.contains_key(digest) || inner.disk.contains_key(digest)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The verified content of `entry`'s chunk: from memory, from disk, or fetched from
+    /// `store`, with every concurrent caller of one chunk waiting on one fetch.
+    pub fn get(&self, entry: &ChunkEntry, store: &dyn ChunkStore) -> Result<Arc<[u8]>, CacheError> {
+        let flight = {
+            let mut inner = self.lock();
+            inner.tick += 1;
+            let tick = inner.tick;
+            if let Some((data, used)) = inner.memory.get_mut(&entry.digest) {
+                *used = tick;
+                self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(data.clone());
+            }
+            match inner.flights.get(&entry.digest) {
+                Some(flight) => Some(flight.clone()),
+                None => {
+                    let flight = Arc::new(Flight { result: Mutex::new(None), done: Condvar::new() });
+                    inner.flights.insert(entry.digest, flight);
+                    None
+                }
+            }
+        };
+        if let Some(flight) = flight {
+            let mut result = flight.result.lock().unwrap_or_else(|p| p.into_inner());
+            while result.is_none() {
+                result = flight.done.wait(result).unwrap_or_else(|p| p.into_inner());
+            }
+            return result.clone().expect("set before notify");
+        }
+        let result = self.load_or_fetch(entry, store);
+        let flight = {
+            let mut inner = self.lock();
+            if let Ok(data) = &result {
+                inner.tick += 1;
+                let tick = inner.tick;
+                if inner.memory.insert(entry.digest, (data.clone(), tick)).is_none() {
+                    inner.memory_bytes += data.len() as u64;
+                }
+                self.evict_memory(&mut inner);
+            }
+            inner.flights.remove(&entry.digest).expect("the leader's flight")
+        };
+        *flight.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(result.clone());
+        flight.done.notify_all();
+        result
+    }
+
+    fn load_or_fetch(&self, entry: &ChunkEntry, store: &dyn ChunkStore) -> Result<Arc<[u8]>, CacheError> {
+        let path = self.chunk_path(&entry.digest);
+        let on_disk = self.lock().disk.contains_key(&entry.digest);
+        if on_disk {
+            match fs::read(&path) {
+                Ok(data) if data.len() == entry.length as usize && Digest::of(&data) == entry.digest => {
+                    self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+                    self.touch_disk(&entry.digest);
+                    return Ok(data.into());
+                }
+                Ok(_) => {
+                    warn!(chunk = %entry.digest, "cached chunk is corrupt; discarding it and fetching again");
+                    self.stats.corrupt_discarded.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => warn!(chunk = %entry.digest, error = %e, "cached chunk unreadable; fetching again"),
+            }
+            self.forget_disk(&entry.digest);
+        }
+        let data = self.fetch(entry, store)?;
+        if let Err(e) = self.store_on_disk(&entry.digest, &data) {
+            warn!(chunk = %entry.digest, error = %e, "cannot write chunk to the cache; serving it from memory");
+        }
+        Ok(data.into())
+    }
+
+    fn fetch(&self, entry: &ChunkEntry, store: &dyn ChunkStore) -> Result<Vec<u8>, CacheError> {
+        let mut backoff = FIRST_BACKOFF;
+        let mut last_error = String::new();
+        let mut corrupt = false;
+        for attempt in 1..=FETCH_ATTEMPTS {
+            match store.get_chunk(&entry.digest) {
+                Ok(stored) => match decode_chunk(entry, &stored) {
+                    Ok(data) => {
+                        self.stats.fetches.fetch_add(1, Ordering::Relaxed);
+                        self.stats.fetched_bytes.fetch_add(stored.len() as u64, Ordering::Relaxed);
+                        debug!(chunk = %entry.digest, bytes = stored.len(), "fetched");
+                        return Ok(data);
+                    }
+                    Err(e) => {
+                        warn!(chunk = %entry.digest, attempt, error = %e, "store returned a bad chunk");
+                        (corrupt, last_error) = (true, e.to_string());
+                    }
+                },
+                Err(e @ StoreError::NotFound { .. }) => {
+                    (corrupt, last_error) = (false, e.to_string());
+                }
+                Err(e) => {
+                    warn!(chunk = %entry.digest, attempt, error = %e, "fetch failed");
+                    (corrupt, last_error) = (false, e.to_string());
+                }
+            }
+            if attempt < FETCH_ATTEMPTS {
+                std::thread::sleep(backoff);
+                backoff *= 2;
+            }
+        }
+        if corrupt {
+            Err(CacheError::Corrupt { digest: entry.digest, attempts: FETCH_ATTEMPTS, detail: last_error })
+        } else {
+            Err(CacheError::Store { digest: entry.digest, detail: last_error })
+        }
+    }
+
+    fn store_on_disk(&self, digest: &Digest, data: &[u8]) -> Result<(), CacheError> {
+        let path = self.chunk_path(digest);
+        let tmp_dir = self.dir.join("tmp");
+        let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(io_error(&tmp_dir))?;
+        tmp.write_all(data).map_err(io_error(&path))?;
+        let parent = path.parent().expect("chunk files live in a subdirectory");
+        fs::create_dir_all(parent).map_err(io_error(parent))?;
+        tmp.persist(&path).map_err(|e| CacheError::Io { path: path.clone(), detail: e.error.to_string() })?;
+        {
+            let mut inner = self.lock();
+            inner.tick += 1;
+            let tick = inner.tick;
+            if inner.disk.insert(*digest, (data.len() as u64, tick)).is_none() {
+                inner.disk_bytes += data.len() as u64;
+            }
+        }
+        self.evict_disk(Some(digest));
+        Ok(())
+    }
+
+    fn touch_disk(&self, digest: &Digest) {
+        let mut inner = self.lock();
+        inner.tick += 1;
+        let tick = inner.tick;
+        if let Some((_, used)) = inner.disk.get_mut(digest) {
+            *used = tick;
+        }
+    }
+
+    fn forget_disk(&self, digest: &Digest) {
+        let mut inner = self.lock();
+        if let Some((len, _)) = inner.disk.remove(digest) {
+            inner.disk_bytes -= len;
+        }
+        let _ = fs::remove_file(self.chunk_path(digest));
+    }
+
+    /// Deletes least recently used chunk files until the cache fits its limit; `keep` is the
+    /// chunk just written.
+    fn evict_disk(&self, keep: Option<&Digest>) {
+        let victims = {
+            let mut inner = self.lock();
+            if inner.disk_bytes <= self.disk_limit {
+                return;
+            }
+            let mut by_age: Vec<_> = inner.disk.iter().filter(|(d, _)| Some(*d) != keep).map(|(d, (len, used))| (*used, *d, *len)).collect();
+            by_age.sort_unstable();
+            let mut victims = Vec::new();
+            for (_, digest, len) in by_age {
+                if inner.disk_bytes <= self.disk_limit {
+                    break;
+                }
+                inner.disk.remove(&digest);
+                inner.disk_bytes -= len;
+                victims.push(digest);
+            }
+            victims
+        };
+        for digest in victims {
+            self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+            let _ = fs::remove_file(self.chunk_path(&digest));
+        }
+    }
+
+    fn evict_memory(&self, inner: &mut Inner) {
+        if inner.memory_bytes <= self.memory_limit {
+            return;
+        }
+        let mut by_age: Vec<_> = inner.memory.iter().map(|(d, (data, used))| (*used, *d, data.len() as u64)).collect();
+        by_age.sort_unstable();
+        for (_, digest, len) in by_age {
+            if inner.memory_bytes <= self.memory_limit / 2 {
+                break;
+            }
+            inner.memory.remove(&digest);
+            inner.memory_bytes -= len;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,117 @@
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use phoenixfs_format::chunk::encode_chunk;
+use phoenixfs_format::{ChunkEntry, Digest};
+use phoenixfs_store::{ChunkStore, MemoryStore};
+use rayon::prelude::*;
+
+use super::*;
+
+fn chunk(store: &MemoryStore, seed: u8, len: usize) -> (ChunkEntry, Vec<u8>) {
+    let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(seed).wrapping_add(seed)).collect();
+    let (compression, stored) = encode_chunk(&data, 1);
+    let entry = ChunkEntry { digest: Digest::of(&data), length: len as u32, stored_length: stored.len() as u32, compression };
+    store.put_chunk(&entry.digest, &stored).unwrap();
+    (entry, data)
+}
+
+#[test]
+fn concurrent_readers_of_one_chunk_share_one_fetch() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = ChunkCache::open(dir.path(), 1 << 30, 1 << 30).unwrap();
+    let store = MemoryStore::new();
+    store.read_delay_ms.store(50, Ordering::Relaxed);
+    let (entry, data) = chunk(&store, 3, 100_000);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(16).build().unwrap();
+    let results: Vec<Arc<[u8]>> = pool.install(|| (0..16).into_par_iter().map(|_| cache.get(&entry, &store).unwrap()).collect());
+    assert!(results.iter().all(|r| **r == data[..]));
+    assert_eq!(store.chunk_reads.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn the_cache_stays_warm_across_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemoryStore::new();
+    let (entry, data) = chunk(&store, 5, 5000);
+    assert_eq!(*ChunkCache::open(dir.path(), 1 << 30, 1 << 30).unwrap().get(&entry, &store).unwrap(), data[..]);
+    let cache = ChunkCache::open(dir.path(), 1 << 30, 1 << 30).unwrap();
+    assert!(cache.contains(&entry.digest));
+    assert_eq!(*cache.get(&entry, &store).unwrap(), data[..]);
+    assert_eq!(store.chunk_reads.load(Ordering::SeqCst), 1);
+    assert_eq!(cache.stats.disk_hits.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn torn_and_flipped_cache_files_are_fetched_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemoryStore::new();
+    let (torn, torn_data) = chunk(&store, 7, 8000);
+    let (flipped, flipped_data) = chunk(&store, 9, 8000);
+    {
+        let cache = ChunkCache::open(dir.path(), 1 << 30, 1 << 30).unwrap();
+        cache.get(&torn, &store).unwrap();
+        cache.get(&flipped, &store).unwrap();
+        let path = cache.chunk_path(&torn.digest);
+        fs::write(&path, &fs::read(&path).unwrap()[..3000]).unwrap();
+        let path = cache.chunk_path(&flipped.digest);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[4000] ^= 0x10;
+        fs::write(&path, bytes).unwrap();
+    }
+    let cache = ChunkCache::open(dir.path(), 1 << 30, 1 << 30).unwrap();
+    assert_eq!(*cache.get(&torn, &store).unwrap(), torn_data[..]);
+    assert_eq!(*cache.get(&flipped, &store).unwrap(), flipped_data[..]);
+    assert_eq!(cache.stats.corrupt_discarded.load(Ordering::Relaxed), 2);
+    assert_eq!(store.chunk_reads.load(Ordering::SeqCst), 4);
+    assert_eq!(fs::read(cache.chunk_path(&flipped.digest)).unwrap(), flipped_data, "repaired on disk");
+}
+
+#[test]
+fn a_store_that_keeps_returning_bad_data_gives_an_error_naming_the_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = ChunkCache::open(dir.path(), 1 << 30, 1 << 30).unwrap();
+    let store = MemoryStore::new();
+    let (entry, _) = chunk(&store, 11, 3000);
+    store.corrupt_reads.store(true, Ordering::Relaxed);
+    let err = cache.get(&entry, &store).unwrap_err();
+    assert!(matches!(err, CacheError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains(&entry.digest.to_hex()));
+    assert_eq!(store.chunk_reads.load(Ordering::SeqCst), u64::from(FETCH_ATTEMPTS));
+    assert!(!cache.contains(&entry.digest), "nothing bad is kept");
+    store.corrupt_reads.store(false, Ordering::Relaxed);
+    assert!(cache.get(&entry, &store).is_ok(), "a later read succeeds once the store is good");
+}
+
+#[test]
+fn the_disk_limit_evicts_least_recently_used_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = ChunkCache::open(dir.path(), 3 * 10_000, 0).unwrap();
+    let store = MemoryStore::new();
+    let chunks: Vec<_> = (1..=5u8).map(|s| chunk(&store, s, 10_000)).collect();
+    for (entry, _) in &chunks[..3] {
+        cache.get(entry, &store).unwrap();
+    }
+    cache.get(&chunks[0].0, &store).unwrap();
+    for (entry, _) in &chunks[3..] {
+        cache.get(entry, &store).unwrap();
+    }
+    let (files, bytes) = cache.disk_usage();
+    assert_eq!((files, bytes), (3, 30_000));
+    assert!(cache.chunk_path(&chunks[0].0.digest).exists(), "recently used stays");
+    assert!(!cache.chunk_path(&chunks[1].0.digest).exists(), "oldest goes");
+    assert!(!cache.chunk_path(&chunks[2].0.digest).exists());
+}
+
+#[test]
+fn a_held_chunk_outlives_its_eviction() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = ChunkCache::open(dir.path(), 10_000, 0).unwrap();
+    let store = MemoryStore::new();
+    let (first, first_data) = chunk(&store, 1, 10_000);
+    let held = cache.get(&first, &store).unwrap();
+    let (second, _) = chunk(&store, 2, 10_000);
+    cache.get(&second, &store).unwrap();
+    assert!(!cache.chunk_path(&first.digest).exists());
+    assert_eq!(*held, first_data[..]);
+}

@@ -1,0 +1,86 @@
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use phoenixfs_daemon::{query_status, MountConfig, Prefetch, Unmounted};
+use phoenixfs_store::{ChunkStore, LocalStore};
+
+use crate::image_arg;
+
+pub struct MountArgs {
+    pub image: String,
+    pub mountpoint: PathBuf,
+    pub store: PathBuf,
+    pub cache: Option<PathBuf>,
+    pub cache_size: u64,
+    pub foreground: bool,
+    pub prefetch_list: Option<PathBuf>,
+    pub prefetch_all: bool,
+    pub readahead: u64,
+    pub threads: Option<usize>,
+}
+
+/// `$XDG_CACHE_HOME/phoenixfs` when set, else /var/cache/phoenixfs.
+fn default_cache_dir() -> PathBuf {
+    match std::env::var_os("XDG_CACHE_HOME") {
+        Some(dir) if !dir.is_empty() => Path::new(&dir).join("phoenixfs"),
+        _ => PathBuf::from("/var/cache/phoenixfs"),
+    }
+}
+
+pub fn run(args: MountArgs) -> Result<ExitCode> {
+    let store = LocalStore::open(&args.store)?;
+    let image = image_arg::load(&args.image, Some(&store))?;
+    let image_name = match std::fs::canonicalize(&args.image) {
+        Ok(path) => path.display().to_string(),
+        Err(_) => args.image.clone(),
+    };
+    let prefetch = match (&args.prefetch_list, args.prefetch_all) {
+        (_, true) => Prefetch::All,
+        (Some(list), false) => {
+            let text = std::fs::read_to_string(list).with_context(|| format!("reading prefetch list {}", list.display()))?;
+            Prefetch::Paths(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
+        }
+        (None, false) => Prefetch::Nothing,
+    };
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let config = MountConfig {
+        image,
+        image_name,
+        store_location: store.location(),
+        store: Arc::new(store),
+        cache_dir: args.cache.unwrap_or_else(default_cache_dir),
+        cache_limit: args.cache_size,
+        memory_limit: 256 << 20,
+        mountpoint: args.mountpoint,
+        foreground: args.foreground,
+        threads: args.threads.unwrap_or((2 * cores).max(4)),
+        readahead: args.readahead,
+        prefetch,
+        allow_other: true,
+        progress: args.foreground && std::io::stderr().is_terminal(),
+    };
+    phoenixfs_daemon::mount(config)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn umount(mountpoint: &Path) -> Result<ExitCode> {
+    let pid = query_status(&std::fs::canonicalize(mountpoint).unwrap_or(mountpoint.to_path_buf())).ok().map(|s| s.pid);
+    match phoenixfs_daemon::unmount(mountpoint)? {
+        Unmounted::Detached => {
+            eprintln!("{} is busy: detached now; its daemon exits when the last open file is closed", mountpoint.display());
+        }
+        Unmounted::Clean => {
+            if let Some(pid) = pid {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,59 @@
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use phoenixfs_daemon::{query_status, Status};
+
+/// Mountpoints of phoenixfs mounts, from /proc/self/mounts.
+fn phoenixfs_mounts() -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    Ok(text
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let (_, mountpoint, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+            (fstype == "fuse.phoenixfs").then(|| PathBuf::from(mountpoint.replace("\\040", " ")))
+        })
+        .collect())
+}
+
+fn print(status: &Status) {
+    println!("mountpoint   {}", status.mountpoint);
+    println!("image        {} ({})", status.image, status.image_id);
+    println!("store        {}", status.store);
+    println!("cache        {} ({} chunks, {} of {} bytes)", status.cache_dir, status.cache_chunks, status.cache_bytes, status.cache_limit);
+    println!("fetched      {} chunks, {} bytes", status.chunks_fetched, status.fetched_bytes);
+    println!("cache        {} hits, {} misses, {} corrupt entries discarded", status.cache_hits, status.cache_misses, status.corrupt_cache_entries_discarded);
+    println!("served       {} requests, {} bytes, {} errors", status.requests, status.bytes_served, status.errors);
+    println!("daemon       pid {}, FUSE 7.{}{}", status.pid, status.fuse_kernel_minor, if status.fuse_resend_supported { ", resend supported" } else { "" });
+}
+
+pub fn run(mountpoint: Option<&Path>, json: bool) -> Result<ExitCode> {
+    let mountpoints = match mountpoint {
+        Some(path) => vec![std::fs::canonicalize(path).with_context(|| format!("mountpoint {}", path.display()))?],
+        None => phoenixfs_mounts()?,
+    };
+    if mountpoints.is_empty() {
+        println!("no phoenixfs mounts");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut statuses = Vec::new();
+    for mp in &mountpoints {
+        match query_status(mp) {
+            Ok(status) => statuses.push(status),
+            Err(e) if mountpoint.is_some() => bail!("{}: no phoenixfs daemon answers ({e})", mp.display()),
+            Err(e) => eprintln!("{}: no phoenixfs daemon answers ({e})", mp.display()),
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&statuses)?);
+    } else {
+        for (i, status) in statuses.iter().enumerate() {
+            if i > 0 {
+                println!();
+            }
+            print(status);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,77 @@
+//! The status socket: `/run/phoenixfs/<key>.sock`, where `key` is derived from the
+//! mountpoint's path, so `phoenixfs status MOUNTPOINT` finds it without a registry.
+//! Readable by root only (the directory is 0700).
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tracing::warn;
+
+pub const RUN_DIR: &str = "/run/phoenixfs";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Status {
+    pub pid: u32,
+    pub mountpoint: String,
+    pub image: String,
+    pub image_id: String,
+    pub store: String,
+    pub cache_dir: String,
+    pub cache_chunks: u64,
+    pub cache_bytes: u64,
+    pub cache_limit: u64,
+    pub chunks_fetched: u64,
+    pub fetched_bytes: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub corrupt_cache_entries_discarded: u64,
+    pub bytes_served: u64,
+    pub requests: u64,
+    pub errors: u64,
+    pub fuse_kernel_minor: u32,
+    pub fuse_resend_supported: bool,
+}
+
+/// The socket of the mount at `mountpoint` (an absolute, canonical path).
+pub fn socket_path(mountpoint: &Path) -> PathBuf {
+    let digest = Sha256::digest(mountpoint.as_os_str().as_encoded_bytes());
+    Path::new(RUN_DIR).join(format!("{}.sock", hex::encode(&digest[..8])))
+}
+
+/// Binds the status socket and answers each connection with `status()` as JSON.
+pub fn serve(mountpoint: &Path, status: impl Fn() -> Status + Send + 'static) -> io::Result<PathBuf> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(RUN_DIR)?;
+    let path = socket_path(mountpoint);
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    std::thread::Builder::new().name("status".into()).spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+            let mut line = String::new();
+            let _ = BufReader::new(&stream).read_line(&mut line);
+            if line.trim() == "status" {
+                let body = serde_json::to_string(&status()).expect("status serialises");
+                if let Err(e) = stream.write_all(body.as_bytes()) {
+                    warn!(error = %e, "answering a status request");
+                }
+            }
+        }
+    })?;
+    Ok(path)
+}
+
+/// Asks the daemon serving `mountpoint` for its status.
+pub fn query_status(mountpoint: &Path) -> io::Result<Status> {
+    let mut stream = UnixStream::connect(socket_path(mountpoint))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(b"status\n")?;
+    let mut body = String::new();
+    io::Read::read_to_string(&mut stream, &mut body)?;
+    serde_json::from_str(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}

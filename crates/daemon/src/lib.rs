@@ -1,0 +1,18 @@
+//! The mount daemon: an image served over FUSE, its chunks fetched lazily through the cache.
+//!
+//! Owns: [`ImageFs`], the read-only file system over one image (nodeids and attributes come
+//! from the image alone: nodeid = EROFS nid + 2, root = 1); readahead and prefetch; the status
+//! socket; and the mount lifecycle (checks, mount, backgrounding, serving, unmount).
+//!
+//! Must never: keep state a new process could not rebuild from the image (no inode table, no
+//! file handles), serve a byte that was not verified, or panic on input from the kernel, the
+//! image, the cache or the store.
+
+mod control;
+mod fs;
+mod mount;
+mod readahead;
+
+pub use control::{query_status, socket_path, Status};
+pub use fs::{FsStats, ImageFs};
+pub use mount::{check_mountpoint, mount, unmount, MountConfig, MountError, Prefetch, Unmounted};

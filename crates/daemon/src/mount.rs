@@ -1,0 +1,336 @@
+//! The mount lifecycle: checks, mount(2), INIT, backgrounding, serving, unmounting.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use nix::errno::Errno;
+use nix::mount::{umount2, MntFlags};
+use nix::sys::signal::{SigSet, Signal};
+use nix::unistd::{fork, pipe, setsid, ForkResult};
+use phoenixfs_cache::{CacheError, ChunkCache};
+use phoenixfs_format::{ExtentTarget, ImageFile, InodeKind};
+use phoenixfs_fuse::session::SessionError;
+use phoenixfs_fuse::{MountOptions, Session};
+use phoenixfs_store::ChunkStore;
+use thiserror::Error;
+use tracing::{info, warn};
+
+use crate::control::{self, Status};
+use crate::fs::ImageFs;
+
+#[derive(Debug, Clone)]
+pub enum Prefetch {
+    Nothing,
+    All,
+    /// Paths inside the image.
+    Paths(Vec<String>),
+}
+
+pub struct MountConfig {
+    pub image: ImageFile,
+    /// How the user named the image; shown as the mount's source.
+    pub image_name: String,
+    pub store: Arc<dyn ChunkStore>,
+    pub store_location: String,
+    pub cache_dir: PathBuf,
+    pub cache_limit: u64,
+    pub memory_limit: u64,
+    pub mountpoint: PathBuf,
+    pub foreground: bool,
+    pub threads: usize,
+    pub readahead: u64,
+    pub prefetch: Prefetch,
+    pub allow_other: bool,
+    /// Show a prefetch progress line on stderr.
+    pub progress: bool,
+}
+
+#[derive(Debug, Error)]
+pub enum MountError {
+    #[error("mounting needs root (CAP_SYS_ADMIN)")]
+    NotRoot,
+    #[error("/dev/fuse is missing: load the fuse module (modprobe fuse)")]
+    NoFuse,
+    #[error("mountpoint {}: {detail}", path.display())]
+    Mountpoint { path: PathBuf, detail: String },
+    #[error("cache: {0}")]
+    Cache(#[from] CacheError),
+    #[error("{0}")]
+    Session(#[from] SessionError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("the mount daemon failed to start: {0}")]
+    Daemon(String),
+}
+
+fn mount_table() -> Result<Vec<(PathBuf, String)>, MountError> {
+    let text = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|source| MountError::Io { what: "reading /proc/self/mountinfo".into(), source })?;
+    Ok(text
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let dash = fields.iter().position(|f| *f == "-")?;
+            Some((PathBuf::from(unescape(fields.get(4)?)), fields.get(dash + 1)?.to_string()))
+        })
+        .collect())
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
+            out.push(u8::from_str_radix(&field[i + 1..i + 4], 8).unwrap_or(b'?'));
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The canonical mountpoint, if it is an existing directory that nothing is mounted on.
+pub fn check_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
+    let bad = |detail: &str| MountError::Mountpoint { path: path.to_path_buf(), detail: detail.to_string() };
+    let canonical = fs::canonicalize(path).map_err(|e| bad(&e.to_string()))?;
+    if !canonical.is_dir() {
+        return Err(bad("not a directory"));
+    }
+    if mount_table()?.iter().any(|(mp, _)| *mp == canonical) {
+        return Err(bad("something is already mounted there"));
+    }
+    Ok(canonical)
+}
+
+/// Mounts the image and serves it; in the background unless `foreground`. Returns once the
+/// mount is ready (background) or unmounted (foreground).
+pub fn mount(config: MountConfig) -> Result<(), MountError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(MountError::NotRoot);
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Err(MountError::NoFuse);
+    }
+    let mountpoint = check_mountpoint(&config.mountpoint)?;
+    let cache = Arc::new(ChunkCache::open(&config.cache_dir, config.cache_limit, config.memory_limit)?);
+    let fd = phoenixfs_fuse::mount(&mountpoint, &MountOptions { source: config.image_name.clone(), allow_other: config.allow_other })?;
+    if config.foreground {
+        return serve(config, mountpoint, cache, fd, None);
+    }
+    let (ready_read, ready_write) = pipe().map_err(|e| MountError::Io { what: "creating a pipe".into(), source: e.into() })?;
+    // SAFETY: no other thread exists yet in this process (nothing above spawns one), so the
+    // child may do anything.
+    match unsafe { fork() } {
+        Ok(ForkResult::Parent { .. }) => {
+            drop(ready_write);
+            drop(fd);
+            let mut message = String::new();
+            let _ = fs::File::from(ready_read).read_to_string(&mut message);
+            match message.strip_prefix("ok") {
+                Some(_) => Ok(()),
+                None if message.is_empty() => Err(MountError::Daemon("it exited during start-up".into())),
+                None => Err(MountError::Daemon(message.trim().to_string())),
+            }
+        }
+        Ok(ForkResult::Child) => {
+            drop(ready_read);
+            let _ = setsid();
+            redirect_stdio(&mountpoint);
+            let code = match serve(config, mountpoint, cache, fd, Some(ready_write)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    warn!(error = %e, "mount daemon failed");
+                    1
+                }
+            };
+            std::process::exit(code);
+        }
+        Err(e) => {
+            let _ = umount2(&mountpoint, MntFlags::MNT_DETACH);
+            Err(MountError::Io { what: "forking the mount daemon".into(), source: e.into() })
+        }
+    }
+}
+
+/// The daemon's stdin and stdout go to /dev/null, its log (stderr) to /run/phoenixfs/<key>.log.
+fn redirect_stdio(mountpoint: &Path) {
+    let log = control::socket_path(mountpoint).with_extension("log");
+    let null = fs::OpenOptions::new().read(true).write(true).open("/dev/null");
+    let log = fs::OpenOptions::new().create(true).append(true).open(log);
+    if let Ok(null) = null {
+        let _ = nix::unistd::dup2(null.as_raw_fd(), 0);
+        let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
+        if log.is_err() {
+            let _ = nix::unistd::dup2(null.as_raw_fd(), 2);
+        }
+    }
+    if let Ok(log) = log {
+        let _ = nix::unistd::dup2(log.as_raw_fd(), 2);
+    }
+}
+
+fn serve(config: MountConfig, mountpoint: PathBuf, cache: Arc<ChunkCache>, fd: OwnedFd, ready: Option<OwnedFd>) -> Result<(), MountError> {
+    let report = |message: &str| {
+        if let Some(ready) = &ready {
+            let _ = nix::unistd::write(ready, message.as_bytes());
+        }
+    };
+    let session = match Session::init(fd) {
+        Ok(session) => session,
+        Err(e) => {
+            let _ = umount2(&mountpoint, MntFlags::MNT_DETACH);
+            report(&format!("{e}\n"));
+            return Err(e.into());
+        }
+    };
+    let params = *session.params();
+    if !params.has_resend() {
+        warn!("this kernel cannot resend FUSE requests (FUSE_HAS_RESEND, Linux 6.9+): requests in flight when the daemon dies may hang");
+    }
+    // Termination signals unmount; the session then ends when the kernel closes the connection.
+    let signals = SigSet::from_iter([Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP]);
+    let _ = signals.thread_block();
+    let signal_mountpoint = mountpoint.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(signal) = signals.wait() {
+                info!(%signal, "unmounting");
+                let _ = umount2(&signal_mountpoint, MntFlags::MNT_DETACH);
+            }
+        })
+        .map_err(|source| MountError::Io { what: "spawning the signal thread".into(), source })?;
+
+    let image = Arc::new(config.image);
+    let fs = ImageFs::new(image.clone(), config.store.clone(), cache.clone(), config.readahead);
+    let status_fs = fs.clone();
+    let (image_name, store_location, status_mountpoint) = (config.image_name.clone(), config.store_location.clone(), mountpoint.clone());
+    let cache_limit = config.cache_limit;
+    let socket = control::serve(&mountpoint, move || {
+        let cache = &status_fs.cache;
+        let (cache_chunks, cache_bytes) = cache.disk_usage();
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        Status {
+            pid: std::process::id(),
+            mountpoint: status_mountpoint.display().to_string(),
+            image: image_name.clone(),
+            image_id: status_fs.image.id.to_string(),
+            store: store_location.clone(),
+            cache_dir: cache.dir().display().to_string(),
+            cache_chunks,
+            cache_bytes,
+            cache_limit,
+            chunks_fetched: load(&cache.stats.fetches),
+            fetched_bytes: load(&cache.stats.fetched_bytes),
+            cache_hits: load(&cache.stats.memory_hits) + load(&cache.stats.disk_hits),
+            cache_misses: load(&cache.stats.fetches),
+            corrupt_cache_entries_discarded: load(&cache.stats.corrupt_discarded),
+            bytes_served: load(&status_fs.stats.bytes_served),
+            requests: load(&status_fs.stats.requests),
+            errors: load(&status_fs.stats.errors),
+            fuse_kernel_minor: params.kernel_minor,
+            fuse_resend_supported: params.has_resend(),
+        }
+    })
+    .map_err(|source| MountError::Io { what: "creating the status socket".into(), source })?;
+    if !matches!(config.prefetch, Prefetch::Nothing) {
+        let (fs, prefetch, progress) = (fs.clone(), config.prefetch.clone(), config.progress);
+        std::thread::Builder::new()
+            .name("prefetch".into())
+            .spawn(move || prefetch_chunks(&fs, &prefetch, progress))
+            .map_err(|source| MountError::Io { what: "spawning the prefetch thread".into(), source })?;
+    }
+    info!(mountpoint = %mountpoint.display(), image = %image.id, "mounted");
+    report("ok\n");
+    drop(ready);
+    let result = session.serve(fs, config.threads);
+    let _ = fs::remove_file(socket);
+    info!(mountpoint = %mountpoint.display(), "unmounted");
+    Ok(result?)
+}
+
+/// Warms the cache with the chunks of the listed files (or of every file), one at a time at
+/// the lowest CPU priority, after the mount is serving.
+fn prefetch_chunks(fs: &ImageFs, prefetch: &Prefetch, progress: bool) {
+    // SAFETY: setpriority with who = 0 changes only the calling thread on Linux.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+    let bootstrap = &fs.image.bootstrap;
+    let inodes = match prefetch {
+        Prefetch::Nothing => return,
+        Prefetch::All => match bootstrap.walk() {
+            Ok(all) => all.into_iter().map(|(_, inode)| inode).collect(),
+            Err(error) => return warn!(%error, "cannot list the image for prefetch"),
+        },
+        Prefetch::Paths(paths) => paths
+            .iter()
+            .filter_map(|path| match bootstrap.resolve(path.as_bytes()) {
+                Ok(Some(inode)) => Some(inode),
+                _ => {
+                    warn!(path, "prefetch: no such file in the image");
+                    None
+                }
+            })
+            .collect::<Vec<_>>(),
+    };
+    let mut chunks = BTreeSet::new();
+    let mut ordered = Vec::new();
+    for inode in inodes.iter().filter(|i| i.kind == InodeKind::File) {
+        for extent in bootstrap.extents(inode, 0, inode.size()).unwrap_or_default() {
+            if let ExtentTarget::Blob { offset } = extent.target {
+                let index = (offset >> fs.image.table.chunk_bits) as usize;
+                if chunks.insert(index) {
+                    ordered.push(index);
+                }
+            }
+        }
+    }
+    let total = ordered.len();
+    for (done, index) in ordered.into_iter().enumerate() {
+        if let Some(entry) = fs.image.table.entries.get(index) {
+            if let Err(error) = fs.cache.get(entry, fs.store.as_ref()) {
+                warn!(chunk = index, %error, "prefetch fetch failed");
+            }
+        }
+        if progress {
+            eprint!("\rprefetch: {}/{total} chunks", done + 1);
+        }
+    }
+    if progress {
+        eprintln!();
+    }
+    info!(chunks = total, "prefetch done");
+}
+
+/// What `unmount` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmounted {
+    Clean,
+    /// Files were open: the mount is detached now, the daemon exits when the last closes.
+    Detached,
+}
+
+pub fn unmount(mountpoint: &Path) -> Result<Unmounted, MountError> {
+    let bad = |detail: &str| MountError::Mountpoint { path: mountpoint.to_path_buf(), detail: detail.to_string() };
+    let canonical = fs::canonicalize(mountpoint).map_err(|e| bad(&e.to_string()))?;
+    let is_ours = mount_table()?.iter().any(|(mp, fstype)| *mp == canonical && fstype == "fuse.phoenixfs");
+    if !is_ours {
+        return Err(bad("not a phoenixfs mount"));
+    }
+    match umount2(&canonical, MntFlags::empty()) {
+        Ok(()) => Ok(Unmounted::Clean),
+        Err(Errno::EBUSY) => {
+            umount2(&canonical, MntFlags::MNT_DETACH).map_err(|e| bad(&e.to_string()))?;
+            Ok(Unmounted::Detached)
+        }
+        Err(e) => Err(bad(&e.to_string())),
+    }
+}

@@ -1,0 +1,111 @@
+//! Readahead: when a file is read sequentially, the next chunks are fetched in the background
+//! so that the reader finds them cached. The sequential-read hint (where each file's last read
+//! ended) is a performance guess only; losing it with the process loses nothing.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Condvar, Mutex};
+
+use phoenixfs_cache::ChunkCache;
+use phoenixfs_format::{ExtentTarget, ImageFile, Inode, Nid};
+use phoenixfs_store::ChunkStore;
+use tracing::debug;
+
+const THREADS: usize = 2;
+/// Files whose last read end is remembered; beyond this the hints are dropped.
+const MAX_TRACKED_FILES: usize = 4096;
+
+struct Shared {
+    image: Arc<ImageFile>,
+    store: Arc<dyn ChunkStore>,
+    cache: Arc<ChunkCache>,
+    window: u64,
+    queue: Mutex<(VecDeque<usize>, HashSet<usize>)>,
+    wake: Condvar,
+    last_end: Mutex<HashMap<Nid, u64>>,
+}
+
+pub struct Readahead {
+    shared: Option<Arc<Shared>>,
+}
+
+impl Readahead {
+    /// `window` bytes ahead of a sequential reader are fetched; 0 turns readahead off.
+    pub fn new(image: Arc<ImageFile>, store: Arc<dyn ChunkStore>, cache: Arc<ChunkCache>, window: u64) -> Self {
+        if window == 0 {
+            return Readahead { shared: None };
+        }
+        let shared = Arc::new(Shared {
+            image,
+            store,
+            cache,
+            window,
+            queue: Mutex::new((VecDeque::new(), HashSet::new())),
+            wake: Condvar::new(),
+            last_end: Mutex::new(HashMap::new()),
+        });
+        for i in 0..THREADS {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("readahead-{i}"))
+                .spawn(move || shared.work())
+                .expect("spawning a readahead thread");
+        }
+        Readahead { shared: Some(shared) }
+    }
+
+    pub fn on_read(&self, inode: &Inode, offset: u64, len: u64) {
+        if let Some(shared) = &self.shared {
+            shared.on_read(inode, offset, len);
+        }
+    }
+}
+
+impl Shared {
+    fn on_read(&self, inode: &Inode, offset: u64, len: u64) {
+        let end = offset + len;
+        let sequential = {
+            let mut last = self.last_end.lock().unwrap_or_else(|p| p.into_inner());
+            if last.len() >= MAX_TRACKED_FILES {
+                last.clear();
+            }
+            let sequential = offset == 0 || last.get(&inode.nid) == Some(&offset);
+            last.insert(inode.nid, end);
+            sequential
+        };
+        if !sequential || end >= inode.size() {
+            return;
+        }
+        let Ok(extents) = self.image.bootstrap.extents(inode, end, self.window) else { return };
+        let chunk_bits = self.image.table.chunk_bits;
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        for extent in extents {
+            if let ExtentTarget::Blob { offset } = extent.target {
+                let index = (offset >> chunk_bits) as usize;
+                let Some(entry) = self.image.table.entries.get(index) else { continue };
+                if !self.cache.contains(&entry.digest) && queue.1.insert(index) {
+                    queue.0.push_back(index);
+                }
+            }
+        }
+        self.wake.notify_all();
+    }
+
+    fn work(&self) {
+        loop {
+            let index = {
+                let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                loop {
+                    if let Some(index) = queue.0.pop_front() {
+                        break index;
+                    }
+                    queue = self.wake.wait(queue).unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            let entry = &self.image.table.entries[index];
+            if let Err(error) = self.cache.get(entry, self.store.as_ref()) {
+                debug!(chunk = index, %error, "readahead fetch failed; a reader will retry");
+            }
+            self.queue.lock().unwrap_or_else(|p| p.into_inner()).1.remove(&index);
+        }
+    }
+}

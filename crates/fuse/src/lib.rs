@@ -1,0 +1,21 @@
+//! The FUSE session: phoenixfs's own protocol layer over the raw `/dev/fuse` fd.
+//!
+//! Owns: decoding kernel requests into typed operations and encoding replies ([`request`],
+//! [`reply`]: pure, no I/O), mounting with mount(2), the INIT handshake whose negotiated
+//! values ([`SessionParams`]) are the only session state, and the loop that serves requests
+//! from several threads on one fd ([`session`]). The file system itself sits behind the small
+//! read-only [`Filesystem`] trait.
+//!
+//! Must never: know about chunks, stores or images; keep per-open or per-lookup state that a
+//! new process could not rebuild; answer a request twice or not at all (see [`reply::Reply`]).
+
+mod fs;
+pub mod reply;
+pub mod request;
+pub mod session;
+
+pub use fs::{Attr, DirEntryOut, Entry, Filesystem, Piece, StatFs};
+pub use session::{mount, MountOptions, Session, SessionParams};
+
+/// The root directory's nodeid in every FUSE session.
+pub const ROOT_NODEID: u64 = 1;

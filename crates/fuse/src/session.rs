@@ -1,0 +1,347 @@
+//! Mounting, the INIT handshake, and serving requests from several threads on one fd.
+
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+
+use fuse_abi::linux as abi;
+use nix::errno::Errno;
+use nix::fcntl::{open, OFlag};
+use nix::mount::{mount as mount2, MsFlags};
+use nix::sys::stat::Mode;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tracing::{debug, warn};
+use zerocopy::IntoBytes;
+
+use crate::fs::{DirEntryOut, Filesystem, Piece};
+use crate::reply::{self, out_header, OUT_HEADER_SIZE};
+use crate::request::{parse, Operation, Request};
+
+/// Largest READ we ask for: 256 pages.
+pub const MAX_PAGES: u16 = 256;
+const MAX_READ: usize = MAX_PAGES as usize * 4096;
+/// A request buffer must hold the largest WRITE plus headers; we never get writes of data,
+/// but the kernel sizes requests by max_write, so it is the same.
+const BUFFER_SIZE: usize = MAX_READ + 4096;
+/// The FUSE minor version whose structures we speak (fuse-abi's).
+const OUR_MINOR: u32 = abi::FUSE_KERNEL_MINOR_VERSION;
+
+static ZEROS: [u8; MAX_READ] = [0; MAX_READ];
+
+#[derive(Debug, Error)]
+pub enum SessionError {
+    #[error("opening /dev/fuse: {0}")]
+    OpenDevice(Errno),
+    #[error("mounting on {mountpoint}: {errno}")]
+    Mount { mountpoint: String, errno: Errno },
+    #[error("reading from /dev/fuse: {0}")]
+    Read(Errno),
+    #[error("the kernel's first request was not INIT")]
+    NoInit,
+    #[error("the kernel speaks FUSE {0}, not 7")]
+    Major(u32),
+    #[error("the connection ended before INIT")]
+    Unmounted,
+}
+
+/// Everything negotiated at INIT: the only session state. The kernel never sends INIT again,
+/// so a process taking over a live connection must be given this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionParams {
+    pub kernel_minor: u32,
+    /// The minor version both sides use: min(kernel's, ours).
+    pub minor: u32,
+    /// All capability flags the kernel offered (flags | flags2 << 32).
+    pub kernel_flags: u64,
+    /// The flags we accepted.
+    pub flags: u64,
+    pub max_readahead: u32,
+    pub max_write: u32,
+    pub max_pages: u16,
+}
+
+impl SessionParams {
+    /// Whether the kernel can resend requests a dead daemon had read (Linux 6.9+).
+    pub fn has_resend(&self) -> bool {
+        self.kernel_flags & abi::FUSE_HAS_RESEND != 0
+    }
+}
+
+pub struct MountOptions {
+    /// Shown as the mount's source in /proc/mounts.
+    pub source: String,
+    pub allow_other: bool,
+}
+
+/// Opens `/dev/fuse` and mounts it read-only on `mountpoint` as `fuse.phoenixfs`.
+pub fn mount(mountpoint: &Path, options: &MountOptions) -> Result<OwnedFd, SessionError> {
+    let fd = open("/dev/fuse", OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty()).map_err(SessionError::OpenDevice)?;
+    // SAFETY: `open` just returned this fd and nothing else owns it.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let mut data = format!("fd={},rootmode=40000,user_id=0,group_id=0,default_permissions", fd.as_raw_fd());
+    if options.allow_other {
+        data.push_str(",allow_other");
+    }
+    let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME;
+    mount2(Some(options.source.as_str()), mountpoint, Some("fuse.phoenixfs"), flags, Some(data.as_str()))
+        .map_err(|errno| SessionError::Mount { mountpoint: mountpoint.display().to_string(), errno })?;
+    Ok(fd)
+}
+
+/// A live, initialised FUSE connection.
+pub struct Session {
+    fd: OwnedFd,
+    params: SessionParams,
+}
+
+/// Capabilities we take when the kernel offers them.
+const WANTED_FLAGS: u64 = abi::FUSE_ASYNC_READ as u64
+    | abi::FUSE_DO_READDIRPLUS as u64
+    | abi::FUSE_READDIRPLUS_AUTO as u64
+    | abi::FUSE_MAX_PAGES as u64
+    | abi::FUSE_CACHE_SYMLINKS as u64
+    | abi::FUSE_PARALLEL_DIROPS as u64
+    | abi::FUSE_INIT_EXT as u64
+    | abi::FUSE_NO_OPENDIR_SUPPORT as u64
+    | abi::FUSE_HAS_RESEND;
+
+impl Session {
+    /// Answers the kernel's INIT on a freshly mounted fd.
+    pub fn init(fd: OwnedFd) -> Result<Session, SessionError> {
+        let mut buf = vec![0u8; BUFFER_SIZE];
+        let n = loop {
+            match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
+                Ok(n) => break n,
+                Err(Errno::EINTR | Errno::ENOENT) => continue,
+                Err(Errno::ENODEV) => return Err(SessionError::Unmounted),
+                Err(e) => return Err(SessionError::Read(e)),
+            }
+        };
+        let request = parse(&buf[..n]).map_err(|_| SessionError::NoInit)?;
+        let Operation::Init(init) = request.op else { return Err(SessionError::NoInit) };
+        if init.major != 7 {
+            send(fd.as_fd(), request.unique, -libc::EPROTO, &[]);
+            return Err(SessionError::Major(init.major));
+        }
+        let kernel_flags = u64::from(init.flags) | (u64::from(init.flags2) << 32);
+        let flags = kernel_flags & WANTED_FLAGS;
+        let params = SessionParams {
+            kernel_minor: init.minor,
+            minor: init.minor.min(OUR_MINOR),
+            kernel_flags,
+            flags,
+            max_readahead: init.max_readahead,
+            max_write: MAX_READ as u32,
+            max_pages: MAX_PAGES,
+        };
+        let out = abi::fuse_init_out {
+            major: 7,
+            minor: OUR_MINOR,
+            max_readahead: params.max_readahead,
+            flags: flags as u32,
+            max_background: 64,
+            congestion_threshold: 48,
+            max_write: params.max_write,
+            time_gran: 1,
+            max_pages: params.max_pages,
+            flags2: (flags >> 32) as u32,
+            ..Default::default()
+        };
+        send(fd.as_fd(), request.unique, 0, &[IoSlice::new(out.as_bytes())]);
+        debug!(kernel_minor = init.minor, flags = format_args!("{flags:#x}"), "FUSE session initialised");
+        Ok(Session { fd, params })
+    }
+
+    pub fn params(&self) -> &SessionParams {
+        &self.params
+    }
+
+    /// Serves requests on `threads` threads until the file system is unmounted.
+    pub fn serve(&self, fs: Arc<dyn Filesystem>, threads: usize) -> Result<(), SessionError> {
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads.max(1))
+                .map(|i| {
+                    let fs = fs.clone();
+                    std::thread::Builder::new()
+                        .name(format!("fuse-{i}"))
+                        .spawn_scoped(scope, move || self.serve_thread(fs.as_ref()))
+                        .expect("spawning a FUSE thread")
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().expect("FUSE thread panicked")).collect::<Result<Vec<()>, _>>()
+        })?;
+        Ok(())
+    }
+
+    fn serve_thread(&self, fs: &dyn Filesystem) -> Result<(), SessionError> {
+        let mut buf = vec![0u8; BUFFER_SIZE];
+        loop {
+            let n = match nix::unistd::read(self.fd.as_raw_fd(), &mut buf) {
+                Ok(n) => n,
+                // ENOENT: the request was interrupted before we read it.
+                Err(Errno::EINTR | Errno::ENOENT | Errno::EAGAIN) => continue,
+                Err(Errno::ENODEV) => return Ok(()),
+                Err(e) => return Err(SessionError::Read(e)),
+            };
+            match parse(&buf[..n]) {
+                Ok(request) => dispatch(self.fd.as_fd(), fs, request),
+                Err(error) => {
+                    warn!(%error, "malformed FUSE request");
+                    if let crate::request::ParseError::ShortArgument { unique, .. } = error {
+                        send(self.fd.as_fd(), unique, -libc::EIO, &[]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes one reply. A reply to a request the kernel gave up on (ENOENT) is not an error.
+fn send(fd: BorrowedFd<'_>, unique: u64, error: i32, body: &[IoSlice<'_>]) {
+    let len = OUT_HEADER_SIZE + body.iter().map(|s| s.len()).sum::<usize>();
+    let header = out_header(len, error, unique);
+    let mut iov = Vec::with_capacity(body.len() + 1);
+    iov.push(IoSlice::new(&header));
+    iov.extend_from_slice(body);
+    match nix::sys::uio::writev(fd, &iov) {
+        Ok(_) | Err(Errno::ENOENT) => {}
+        Err(e) => warn!(unique, error = %e, "writing a FUSE reply"),
+    }
+}
+
+/// Answers one request exactly once: consumed by the first answer, and answers EIO if it is
+/// dropped unanswered (a handler forgot, or panicked).
+struct Reply<'a> {
+    fd: BorrowedFd<'a>,
+    unique: u64,
+    answered: bool,
+}
+
+impl Reply<'_> {
+    fn ok(mut self, body: &[u8]) {
+        self.answered = true;
+        send(self.fd, self.unique, 0, &[IoSlice::new(body)]);
+    }
+
+    fn error(mut self, errno: Errno) {
+        self.answered = true;
+        send(self.fd, self.unique, -(errno as i32), &[]);
+    }
+
+    fn result(self, result: Result<Vec<u8>, Errno>) {
+        match result {
+            Ok(body) => self.ok(&body),
+            Err(errno) => self.error(errno),
+        }
+    }
+
+    fn data(mut self, pieces: &[Piece]) {
+        self.answered = true;
+        let mut iov = Vec::with_capacity(pieces.len());
+        for piece in pieces {
+            match piece {
+                Piece::Zeros(n) => {
+                    let mut left = *n;
+                    while left > 0 {
+                        let take = left.min(ZEROS.len());
+                        iov.push(IoSlice::new(&ZEROS[..take]));
+                        left -= take;
+                    }
+                }
+                Piece::Shared { data, start, end } => iov.push(IoSlice::new(&data[*start..*end])),
+                Piece::Owned(v) => iov.push(IoSlice::new(v)),
+            }
+        }
+        send(self.fd, self.unique, 0, &iov);
+    }
+}
+
+impl Drop for Reply<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            send(self.fd, self.unique, -libc::EIO, &[]);
+        }
+    }
+}
+
+fn dispatch(fd: BorrowedFd<'_>, fs: &dyn Filesystem, request: Request<'_>) {
+    if !request.op.wants_reply() {
+        return;
+    }
+    let node = request.nodeid;
+    let reply = Reply { fd, unique: request.unique, answered: false };
+    match request.op {
+        Operation::Init(_) => reply.error(Errno::EPROTO),
+        Operation::Destroy | Operation::Release | Operation::Releasedir | Operation::Sync => reply.ok(&[]),
+        Operation::Lookup { name } => reply.result(fs.lookup(node, name).map(|e| reply::entry_out(&e.attr).as_bytes().to_vec())),
+        Operation::Getattr => reply.result(fs.getattr(node).map(|a| reply::attr_out(&a))),
+        Operation::Statx => reply.result(fs.getattr(node).map(|a| reply::statx_out(&a))),
+        Operation::Readlink => reply.result(fs.readlink(node)),
+        Operation::Open { flags } => {
+            if flags & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32 {
+                return reply.error(Errno::EROFS);
+            }
+            reply.result(fs.open(node).map(|()| reply::open_out(fuse_abi::linux::FOPEN_KEEP_CACHE)))
+        }
+        Operation::Opendir => reply.result(fs.getattr(node).map(|_| reply::open_out(fuse_abi::linux::FOPEN_KEEP_CACHE | fuse_abi::linux::FOPEN_CACHE_DIR))),
+        Operation::Read { offset, size } => match fs.read(node, offset, size.min(MAX_READ as u32)) {
+            Ok(pieces) => reply.data(&pieces),
+            Err(errno) => reply.error(errno),
+        },
+        Operation::Readdir { offset, size, plus } => reply.result(readdir(fs, node, offset, size as usize, plus)),
+        Operation::Statfs => reply.ok(&reply::statfs_out(&fs.statfs())),
+        Operation::Getxattr { name, size } => reply.result(fs.getxattr(node, name).and_then(|v| sized(v, size))),
+        Operation::Listxattr { size } => reply.result(fs.listxattr(node).and_then(|v| sized(v, size))),
+        Operation::Access { mask } => {
+            if mask & libc::W_OK as u32 != 0 {
+                reply.error(Errno::EROFS)
+            } else {
+                reply.result(fs.getattr(node).map(|_| Vec::new()))
+            }
+        }
+        Operation::Lseek { offset, whence } => reply.result(fs.lseek(node, offset, whence).map(reply::lseek_out)),
+        Operation::Write { .. } => reply.error(Errno::EROFS),
+        Operation::Unknown { opcode } => {
+            debug!(opcode, "unsupported FUSE opcode");
+            reply.error(Errno::ENOSYS)
+        }
+        Operation::Forget | Operation::NoReply => unreachable!("filtered above"),
+    }
+}
+
+/// GETXATTR/LISTXATTR: size 0 asks for the length, a short buffer gets ERANGE.
+fn sized(value: Vec<u8>, size: u32) -> Result<Vec<u8>, Errno> {
+    if size == 0 {
+        Ok(reply::xattr_size_out(value.len() as u32))
+    } else if value.len() > size as usize {
+        Err(Errno::ERANGE)
+    } else {
+        Ok(value)
+    }
+}
+
+fn readdir(fs: &dyn Filesystem, node: u64, cookie: u64, size: usize, plus: bool) -> Result<Vec<u8>, Errno> {
+    let mut buf = Vec::with_capacity(size.min(MAX_READ));
+    let mut failure = None;
+    fs.readdir(node, cookie, &mut |entry: DirEntryOut| {
+        if !plus {
+            return reply::push_dirent(&mut buf, size, &entry, None);
+        }
+        if entry.name == b"." || entry.name == b".." {
+            return reply::push_dirent_plus_unlooked(&mut buf, size, &entry);
+        }
+        match fs.getattr(entry.ino) {
+            Ok(attr) => reply::push_dirent(&mut buf, size, &entry, Some(&attr)),
+            Err(errno) => {
+                failure = Some(errno);
+                false
+            }
+        }
+    })?;
+    match failure {
+        Some(errno) if buf.is_empty() => Err(errno),
+        _ => Ok(buf),
+    }
+}
