@@ -5,6 +5,7 @@
 //! Tests need root (mknod, chown, losetup, mount) and erofs-utils; `scripts/test` provides both.
 
 pub mod kernel;
+pub mod mount;
 pub mod snapshot;
 pub mod trees;
 

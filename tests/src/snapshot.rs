@@ -213,3 +213,22 @@ pub fn assert_same(expected: &Snapshot, actual: &Snapshot, what: &str) {
     let diffs = differences(expected, actual);
     assert!(diffs.is_empty(), "{what}: {} differences, first ones:\n{}", diffs.len(), diffs.iter().take(10).cloned().collect::<Vec<_>>().join("\n"));
 }
+
+/// sha256 of a file read through a shared, read-only memory map (an empty file hashes as "").
+pub fn sha256_via_mmap(path: &Path) -> String {
+    use std::os::fd::AsRawFd;
+    let file = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let len = file.metadata().expect("fstat").len() as usize;
+    if len == 0 {
+        return hex::encode(Sha256::digest(b""));
+    }
+    // SAFETY: a fresh private mapping of a file we keep open; unmapped before returning, and
+    // the file system is read-only, so the bytes cannot change underneath.
+    unsafe {
+        let addr = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0);
+        assert_ne!(addr, libc::MAP_FAILED, "mmap {}", path.display());
+        let digest = hex::encode(Sha256::digest(std::slice::from_raw_parts(addr as *const u8, len)));
+        libc::munmap(addr, len);
+        digest
+    }
+}

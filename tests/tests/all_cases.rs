@@ -8,7 +8,8 @@ use std::sync::OnceLock;
 use phoenixfs_format::ImageFile;
 use phoenixfs_store::LocalStore;
 use phoenixfs_tests::kernel::KernelMount;
-use phoenixfs_tests::snapshot::{assert_same, snapshot_dir, snapshot_image, Snapshot};
+use phoenixfs_tests::mount::PhoenixMount;
+use phoenixfs_tests::snapshot::{assert_same, sha256_via_mmap, snapshot_dir, snapshot_image, Snapshot};
 use phoenixfs_tests::{build_image, export_blob, fixture_dir, fsck_erofs, phoenixfs, run_ok, trees};
 
 struct Fixture {
@@ -126,4 +127,24 @@ fn check_verifies_every_chunk() {
     let f = fixture();
     let out = run_ok(phoenixfs().arg("check").arg(&f.image).arg("--store").arg(&f.store));
     assert!(out.starts_with("ok:"), "{out}");
+}
+
+#[test]
+fn phoenixfs_mount_equals_the_source() {
+    let f = fixture();
+    let mount = PhoenixMount::new(&f.image, &f.store, &f.root.join("cache-mount"), &[]);
+    assert_same(&f.source, &snapshot_dir(mount.path()), "phoenixfs mount vs source");
+
+    for path in ["files/many-chunks", "files/sparse", "files/tiny", "files/chunk-plus-one", "links/hard", "files/empty"] {
+        assert_eq!(Some(sha256_via_mmap(&mount.path().join(path))), f.source[path].sha256, "mmap of {path}");
+    }
+    let mut names: Vec<_> = fs::read_dir(mount.path().join("big-dir")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let listed = names.len();
+    names.sort();
+    names.dedup();
+    assert_eq!((listed, names.len()), (trees::BIG_DIR_ENTRIES, trees::BIG_DIR_ENTRIES), "readdir complete, no duplicates");
+
+    let status = mount.status();
+    assert_eq!(status["errors"], 0, "{status}");
+    assert_eq!(status["image_id"], f.id);
 }

@@ -6,6 +6,7 @@ use std::fs;
 use phoenixfs_format::ImageFile;
 use phoenixfs_store::LocalStore;
 use phoenixfs_tests::kernel::KernelMount;
+use phoenixfs_tests::mount::PhoenixMount;
 use phoenixfs_tests::snapshot::{assert_same, snapshot_dir, snapshot_image};
 use phoenixfs_tests::{build_image, export_blob, fixture_dir, fsck_erofs, trees};
 
@@ -29,4 +30,6 @@ fn a_copy_of_usr_survives_the_round_trip() {
     assert_same(&source, &kernel, "kernel EROFS mount vs source");
     let decoded = ImageFile::decode(fs::read(&image).unwrap()).unwrap();
     assert_same(&kernel, &snapshot_image(&decoded, &LocalStore::open(&store).unwrap()), "our reader vs kernel");
+    let ours = PhoenixMount::new(&image, &store, &root.join("cache"), &[]);
+    assert_same(&source, &snapshot_dir(ours.path()), "phoenixfs mount vs source");
 }

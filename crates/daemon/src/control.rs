@@ -33,6 +33,8 @@ pub struct Status {
     pub bytes_served: u64,
     pub requests: u64,
     pub errors: u64,
+    /// Where the daemon logs: a file, or "stderr" in the foreground.
+    pub log: String,
     pub fuse_kernel_minor: u32,
     pub fuse_resend_supported: bool,
 }
@@ -41,6 +43,11 @@ pub struct Status {
 pub fn socket_path(mountpoint: &Path) -> PathBuf {
     let digest = Sha256::digest(mountpoint.as_os_str().as_encoded_bytes());
     Path::new(RUN_DIR).join(format!("{}.sock", hex::encode(&digest[..8])))
+}
+
+/// The log file of a background daemon serving `mountpoint`.
+pub fn log_path(mountpoint: &Path) -> PathBuf {
+    socket_path(mountpoint).with_extension("log")
 }
 
 /// Binds the status socket and answers each connection with `status()` as JSON.

@@ -15,4 +15,4 @@ mod readahead;
 
 pub use control::{query_status, socket_path, Status};
 pub use fs::{FsStats, ImageFs};
-pub use mount::{check_mountpoint, mount, unmount, MountConfig, MountError, Prefetch, Unmounted};
+pub use mount::{check_mountpoint, mount, preflight, unmount, MountConfig, MountError, Prefetch, Unmounted};

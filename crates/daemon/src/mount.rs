@@ -111,16 +111,22 @@ pub fn check_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
     Ok(canonical)
 }
 
-/// Mounts the image and serves it; in the background unless `foreground`. Returns once the
-/// mount is ready (background) or unmounted (foreground).
-pub fn mount(config: MountConfig) -> Result<(), MountError> {
+/// Everything `mount` needs of the machine: root, /dev/fuse, a free directory to mount on.
+/// Returns the canonical mountpoint.
+pub fn preflight(mountpoint: &Path) -> Result<PathBuf, MountError> {
     if !nix::unistd::geteuid().is_root() {
         return Err(MountError::NotRoot);
     }
     if !Path::new("/dev/fuse").exists() {
         return Err(MountError::NoFuse);
     }
-    let mountpoint = check_mountpoint(&config.mountpoint)?;
+    check_mountpoint(mountpoint)
+}
+
+/// Mounts the image and serves it; in the background unless `foreground`. Returns once the
+/// mount is ready (background) or unmounted (foreground).
+pub fn mount(config: MountConfig) -> Result<(), MountError> {
+    let mountpoint = preflight(&config.mountpoint)?;
     let cache = Arc::new(ChunkCache::open(&config.cache_dir, config.cache_limit, config.memory_limit)?);
     let fd = phoenixfs_fuse::mount(&mountpoint, &MountOptions { source: config.image_name.clone(), allow_other: config.allow_other })?;
     if config.foreground {
@@ -163,7 +169,7 @@ pub fn mount(config: MountConfig) -> Result<(), MountError> {
 
 /// The daemon's stdin and stdout go to /dev/null, its log (stderr) to /run/phoenixfs/<key>.log.
 fn redirect_stdio(mountpoint: &Path) {
-    let log = control::socket_path(mountpoint).with_extension("log");
+    let log = control::log_path(mountpoint);
     let null = fs::OpenOptions::new().read(true).write(true).open("/dev/null");
     let log = fs::OpenOptions::new().create(true).append(true).open(log);
     if let Ok(null) = null {
@@ -215,6 +221,7 @@ fn serve(config: MountConfig, mountpoint: PathBuf, cache: Arc<ChunkCache>, fd: O
     let status_fs = fs.clone();
     let (image_name, store_location, status_mountpoint) = (config.image_name.clone(), config.store_location.clone(), mountpoint.clone());
     let cache_limit = config.cache_limit;
+    let log = if ready.is_some() { control::log_path(&mountpoint).display().to_string() } else { "stderr".to_string() };
     let socket = control::serve(&mountpoint, move || {
         let cache = &status_fs.cache;
         let (cache_chunks, cache_bytes) = cache.disk_usage();
@@ -237,6 +244,7 @@ fn serve(config: MountConfig, mountpoint: PathBuf, cache: Arc<ChunkCache>, fd: O
             bytes_served: load(&status_fs.stats.bytes_served),
             requests: load(&status_fs.stats.requests),
             errors: load(&status_fs.stats.errors),
+            log: log.clone(),
             fuse_kernel_minor: params.kernel_minor,
             fuse_resend_supported: params.has_resend(),
         }

@@ -194,7 +194,8 @@ mod tests {
         body.extend_from_slice(&4096u64.to_le_bytes()); // offset
         body.extend_from_slice(&131072u32.to_le_bytes()); // size
         body.extend_from_slice(&[0u8; 20]);
-        let req = parse(&request(opcode::READ, 5, 42, &body)).unwrap();
+        let bytes = request(opcode::READ, 5, 42, &body);
+        let req = parse(&bytes).unwrap();
         assert_eq!(req.op, Operation::Read { offset: 4096, size: 131072 });
         assert_eq!(req.nodeid, 42);
     }

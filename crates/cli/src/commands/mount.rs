@@ -32,6 +32,7 @@ fn default_cache_dir() -> PathBuf {
 }
 
 pub fn run(args: MountArgs) -> Result<ExitCode> {
+    phoenixfs_daemon::preflight(&args.mountpoint)?;
     let store = LocalStore::open(&args.store)?;
     let image = image_arg::load(&args.image, Some(&store))?;
     let image_name = match std::fs::canonicalize(&args.image) {

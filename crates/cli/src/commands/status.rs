@@ -25,6 +25,7 @@ fn print(status: &Status) {
     println!("fetched      {} chunks, {} bytes", status.chunks_fetched, status.fetched_bytes);
     println!("cache        {} hits, {} misses, {} corrupt entries discarded", status.cache_hits, status.cache_misses, status.corrupt_cache_entries_discarded);
     println!("served       {} requests, {} bytes, {} errors", status.requests, status.bytes_served, status.errors);
+    println!("log          {}", status.log);
     println!("daemon       pid {}, FUSE 7.{}{}", status.pid, status.fuse_kernel_minor, if status.fuse_resend_supported { ", resend supported" } else { "" });
 }
 

@@ -1,0 +1,79 @@
+//! A phoenixfs mount for a test, made with the real CLI; unmounted on drop, and its daemon
+//! waited for, even when the test failed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::{phoenixfs, run_ok};
+
+pub struct PhoenixMount {
+    dir: tempfile::TempDir,
+    pub pid: u32,
+}
+
+impl PhoenixMount {
+    /// Mounts `image` from `store` with `cache` as its cache directory, plus `extra` options.
+    pub fn new(image: &Path, store: &Path, cache: &Path, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("mount point");
+        run_ok(phoenixfs().arg("mount").arg(image).arg(dir.path()).arg("--store").arg(store).arg("--cache").arg(cache).args(extra));
+        let status = Self::status_of(dir.path());
+        PhoenixMount { dir, pid: status["pid"].as_u64().expect("pid") as u32 }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn path_buf(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
+    fn status_of(path: &Path) -> serde_json::Value {
+        let out = run_ok(phoenixfs().arg("status").arg(path).arg("--json"));
+        let all: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+        all[0].clone()
+    }
+
+    /// `phoenixfs status --json` of this mount.
+    pub fn status(&self) -> serde_json::Value {
+        Self::status_of(self.path())
+    }
+
+    pub fn daemon_alive(&self) -> bool {
+        Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
+
+    /// Waits up to `timeout` for the daemon to exit; true if it did.
+    pub fn wait_for_daemon_exit(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.daemon_alive() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+}
+
+/// Whether anything is mounted at `path`, per /proc/self/mounts.
+pub fn is_mounted(path: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").expect("mounts");
+    let path = path.to_str().expect("utf-8 path");
+    mounts.lines().any(|l| l.split(' ').nth(1) == Some(path))
+}
+
+impl Drop for PhoenixMount {
+    fn drop(&mut self) {
+        if is_mounted(self.path()) {
+            let ok = phoenixfs().arg("umount").arg(self.path()).status().is_ok_and(|s| s.success());
+            if !ok {
+                let _ = Command::new("umount").arg("--lazy").arg(self.path()).status();
+            }
+        }
+        if !self.wait_for_daemon_exit(Duration::from_secs(10)) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
