@@ -129,6 +129,11 @@ impl ChunkCache {
         self.dir.join("chunks").join(&hex[..2]).join(hex)
     }
 
+    /// Whether the chunk is verified and in memory, ready to serve without I/O.
+    pub fn in_memory(&self, digest: &Digest) -> bool {
+        self.lock().memory.contains_key(digest)
+    }
+
     /// Whether the chunk is cached (in memory or on disk).
     pub fn contains(&self, digest: &Digest) -> bool {
         let inner = self.lock();

@@ -1,5 +1,6 @@
-//! Readahead: when a file is read sequentially, the next chunks are fetched in the background
-//! so that the reader finds them cached. The sequential-read hint (where each file's last read
+//! Readahead: when a file is read sequentially, the next chunks are fetched (or loaded from
+//! the cache directory and verified) in the background so that the reader finds them in
+//! memory. The sequential-read hint (where each file's last read
 //! ended) is a performance guess only; losing it with the process loses nothing.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -82,7 +83,7 @@ impl Shared {
             if let ExtentTarget::Blob { offset } = extent.target {
                 let index = (offset >> chunk_bits) as usize;
                 let Some(entry) = self.image.table.entries.get(index) else { continue };
-                if !self.cache.contains(&entry.digest) && queue.1.insert(index) {
+                if !self.cache.in_memory(&entry.digest) && queue.1.insert(index) {
                     queue.0.push_back(index);
                 }
             }
