@@ -144,6 +144,21 @@ fn phoenixfs_mount_equals_the_source() {
     names.dedup();
     assert_eq!((listed, names.len()), (trees::BIG_DIR_ENTRIES, trees::BIG_DIR_ENTRIES), "readdir complete, no duplicates");
 
+    // SEEK_DATA / SEEK_HOLE answer as the kernel's own EROFS does on the same image.
+    let kernel = KernelMount::new(&f.image, f.blob.as_deref());
+    let probes = [(0, libc::SEEK_DATA), (0, libc::SEEK_HOLE), (5 << 20, libc::SEEK_DATA), (2 << 30, libc::SEEK_HOLE), ((2 << 30) + 400_000, libc::SEEK_DATA)];
+    for (offset, whence) in probes {
+        let seek = |root: &std::path::Path| {
+            let file = fs::File::open(root.join("files/sparse")).unwrap();
+            // SAFETY: lseek on a file we hold open.
+            unsafe { libc::lseek(std::os::fd::AsRawFd::as_raw_fd(&file), offset, whence) }
+        };
+        assert_eq!(seek(mount.path()), seek(kernel.path()), "lseek({offset}, {whence})");
+    }
+
+    let write = fs::write(mount.path().join("files/new"), b"x").unwrap_err();
+    assert_eq!(write.raw_os_error(), Some(libc::EROFS));
+
     let status = mount.status();
     assert_eq!(status["errors"], 0, "{status}");
     assert_eq!(status["image_id"], f.id);

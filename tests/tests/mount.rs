@@ -237,3 +237,32 @@ fn a_chunk_missing_or_corrupt_in_the_store_gives_eio_and_a_log_line_naming_it() 
     }
     assert_eq!(count_files(&root.join("cache/chunks")), 1, "nothing bad was cached");
 }
+
+fn wait_for_fetches(mount: &PhoenixMount, want: u64) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = mount.status();
+        if status["chunks_fetched"] == want || std::time::Instant::now() > deadline {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn prefetch_warms_the_cache_in_the_background() {
+    let root = fixture_dir("mount-prefetch");
+    let (_, store, image) = tree(&root, 3, 2 * MIB);
+    let all = PhoenixMount::new(&image, &store, &root.join("cache-all"), &["--prefetch-all"]);
+    let status = wait_for_fetches(&all, 6);
+    assert_eq!(status["chunks_fetched"], 6, "{status}");
+    assert_eq!(count_files(&root.join("cache-all/chunks")), 6);
+
+    fs::write(root.join("list"), "file1\n\n/sub/small\nno-such-file\n").unwrap();
+    let list = root.join("list");
+    let some = PhoenixMount::new(&image, &store, &root.join("cache-list"), &["--prefetch", list.to_str().unwrap()]);
+    let status = wait_for_fetches(&some, 2);
+    assert_eq!(status["chunks_fetched"], 2, "only file1's chunks: {status}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(some.status()["chunks_fetched"], 2);
+}

@@ -72,8 +72,9 @@ pub trait Filesystem: Send + Sync {
     /// Checks that `node` can be opened for reading.
     fn open(&self, node: u64) -> Result<(), Errno>;
     fn read(&self, node: u64, offset: u64, size: u32) -> Result<Vec<Piece>, Errno>;
-    /// Calls `add` for entries from `cookie` on until it returns false; `plus` asks for
-    /// entries whose attributes will be looked up too.
+    /// Calls `add` for entries from `cookie` on until it returns false. A cookie comes from
+    /// an earlier entry's `next_cookie` (0 is the start) and must mean the same position in
+    /// any process.
     fn readdir(&self, node: u64, cookie: u64, add: &mut dyn FnMut(DirEntryOut) -> bool) -> Result<(), Errno>;
     fn statfs(&self) -> StatFs;
     fn getxattr(&self, node: u64, name: &[u8]) -> Result<Vec<u8>, Errno>;

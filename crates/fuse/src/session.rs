@@ -67,6 +67,14 @@ impl SessionParams {
     pub fn has_resend(&self) -> bool {
         self.kernel_flags & abi::FUSE_HAS_RESEND != 0
     }
+
+    /// Whether an ENOSYS answer to OPEN (OPENDIR) makes the kernel stop sending them and
+    /// open every file (directory) with FOPEN_KEEP_CACHE (and FOPEN_CACHE_DIR) by itself:
+    /// opens then cost no round trip and hold no state at all.
+    fn opens_optional(&self, dir: bool) -> bool {
+        let flag = if dir { abi::FUSE_NO_OPENDIR_SUPPORT } else { abi::FUSE_NO_OPEN_SUPPORT };
+        self.flags & u64::from(flag) != 0
+    }
 }
 
 pub struct MountOptions {
@@ -104,6 +112,7 @@ const WANTED_FLAGS: u64 = abi::FUSE_ASYNC_READ as u64
     | abi::FUSE_CACHE_SYMLINKS as u64
     | abi::FUSE_PARALLEL_DIROPS as u64
     | abi::FUSE_INIT_EXT as u64
+    | abi::FUSE_NO_OPEN_SUPPORT as u64
     | abi::FUSE_NO_OPENDIR_SUPPORT as u64
     | abi::FUSE_HAS_RESEND;
 
@@ -186,7 +195,7 @@ impl Session {
                 Err(e) => return Err(SessionError::Read(e)),
             };
             match parse(&buf[..n]) {
-                Ok(request) => dispatch(self.fd.as_fd(), fs, request),
+                Ok(request) => dispatch(self.fd.as_fd(), &self.params, fs, request),
                 Err(error) => {
                     warn!(%error, "malformed FUSE request");
                     if let crate::request::ParseError::ShortArgument { unique, .. } = error {
@@ -266,7 +275,7 @@ impl Drop for Reply<'_> {
     }
 }
 
-fn dispatch(fd: BorrowedFd<'_>, fs: &dyn Filesystem, request: Request<'_>) {
+fn dispatch(fd: BorrowedFd<'_>, params: &SessionParams, fs: &dyn Filesystem, request: Request<'_>) {
     if !request.op.wants_reply() {
         return;
     }
@@ -283,9 +292,13 @@ fn dispatch(fd: BorrowedFd<'_>, fs: &dyn Filesystem, request: Request<'_>) {
             if flags & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32 {
                 return reply.error(Errno::EROFS);
             }
-            reply.result(fs.open(node).map(|()| reply::open_out(fuse_abi::linux::FOPEN_KEEP_CACHE)))
+            if params.opens_optional(false) {
+                return reply.error(Errno::ENOSYS);
+            }
+            reply.result(fs.open(node).map(|()| reply::open_out(abi::FOPEN_KEEP_CACHE)))
         }
-        Operation::Opendir => reply.result(fs.getattr(node).map(|_| reply::open_out(fuse_abi::linux::FOPEN_KEEP_CACHE | fuse_abi::linux::FOPEN_CACHE_DIR))),
+        Operation::Opendir if params.opens_optional(true) => reply.error(Errno::ENOSYS),
+        Operation::Opendir => reply.result(fs.getattr(node).map(|_| reply::open_out(abi::FOPEN_KEEP_CACHE | abi::FOPEN_CACHE_DIR))),
         Operation::Read { offset, size } => match fs.read(node, offset, size.min(MAX_READ as u32)) {
             Ok(pieces) => reply.data(&pieces),
             Err(errno) => reply.error(errno),
