@@ -71,6 +71,8 @@ struct Inner {
 
 pub struct ChunkCache {
     dir: PathBuf,
+    /// This process's directory for chunks being written.
+    tmp: PathBuf,
     disk_limit: u64,
     memory_limit: u64,
     inner: Mutex<Inner>,
@@ -83,14 +85,21 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
 
 impl ChunkCache {
     /// Opens (creating when needed) the cache in `dir`, indexes the chunks already there, and
-    /// removes leftovers of interrupted writes.
+    /// removes leftovers of interrupted writes. Several processes may share one cache: each
+    /// writes under `tmp/<pid>/`, and only the directories of dead processes are removed.
     pub fn open(dir: &Path, disk_limit: u64, memory_limit: u64) -> Result<Self, CacheError> {
         let chunks = dir.join("chunks");
-        let tmp = dir.join("tmp");
         fs::create_dir_all(&chunks).map_err(io_error(&chunks))?;
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp).map_err(io_error(&tmp))?;
+        let tmp_root = dir.join("tmp");
+        fs::create_dir_all(&tmp_root).map_err(io_error(&tmp_root))?;
+        for entry in fs::read_dir(&tmp_root).map_err(io_error(&tmp_root))? {
+            let path = entry.map_err(io_error(&tmp_root))?.path();
+            let owner_alive = path.file_name().and_then(|n| n.to_str()).is_some_and(|pid| Path::new("/proc").join(pid).exists());
+            if !owner_alive {
+                let _ = fs::remove_dir_all(&path);
+            }
         }
+        let tmp = tmp_root.join(std::process::id().to_string());
         fs::create_dir_all(&tmp).map_err(io_error(&tmp))?;
         let mut found = Vec::new();
         for sub in fs::read_dir(&chunks).map_err(io_error(&chunks))? {
@@ -109,7 +118,7 @@ impl ChunkCache {
             inner.disk.insert(digest, (len, inner.tick));
             inner.disk_bytes += len;
         }
-        let cache = ChunkCache { dir: dir.to_path_buf(), disk_limit, memory_limit, inner: Mutex::new(inner), stats: CacheStats::default() };
+        let cache = ChunkCache { dir: dir.to_path_buf(), tmp, disk_limit, memory_limit, inner: Mutex::new(inner), stats: CacheStats::default() };
         cache.evict_disk(None);
         Ok(cache)
     }
@@ -255,8 +264,7 @@ impl ChunkCache {
 
     fn store_on_disk(&self, digest: &Digest, data: &[u8]) -> Result<(), CacheError> {
         let path = self.chunk_path(digest);
-        let tmp_dir = self.dir.join("tmp");
-        let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(io_error(&tmp_dir))?;
+        let mut tmp = tempfile::NamedTempFile::new_in(&self.tmp).map_err(io_error(&self.tmp))?;
         tmp.write_all(data).map_err(io_error(&path))?;
         let parent = path.parent().expect("chunk files live in a subdirectory");
         fs::create_dir_all(parent).map_err(io_error(parent))?;

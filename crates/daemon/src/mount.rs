@@ -139,10 +139,9 @@ pub fn preflight(mountpoint: &Path) -> Result<PathBuf, MountError> {
 /// mount is ready (background) or unmounted (foreground).
 pub fn mount(config: MountConfig) -> Result<(), MountError> {
     let mountpoint = preflight(&config.mountpoint)?;
-    let cache = Arc::new(ChunkCache::open(&config.cache_dir, config.cache_limit, config.memory_limit)?);
     let fd = phoenixfs_fuse::mount(&mountpoint, &MountOptions { source: config.image_name.clone(), allow_other: config.allow_other })?;
     if config.foreground {
-        return serve(config, mountpoint, cache, fd, None);
+        return serve(config, mountpoint, fd, None);
     }
     let (ready_read, ready_write) = pipe().map_err(|e| MountError::Io { what: "creating a pipe".into(), source: e.into() })?;
     // SAFETY: no other thread exists yet in this process (nothing above spawns one), so the
@@ -163,7 +162,7 @@ pub fn mount(config: MountConfig) -> Result<(), MountError> {
             drop(ready_read);
             let _ = setsid();
             redirect_stdio(&mountpoint);
-            let code = match serve(config, mountpoint, cache, fd, Some(ready_write)) {
+            let code = match serve(config, mountpoint, fd, Some(ready_write)) {
                 Ok(()) => 0,
                 Err(e) => {
                     warn!(error = %e, "mount daemon failed");
@@ -196,18 +195,23 @@ fn redirect_stdio(mountpoint: &Path) {
     }
 }
 
-fn serve(config: MountConfig, mountpoint: PathBuf, cache: Arc<ChunkCache>, fd: OwnedFd, ready: Option<OwnedFd>) -> Result<(), MountError> {
+/// Runs in the daemon process (after the fork, so that the cache's per-process state is the
+/// daemon's). Failures before the mount is ready unmount it and are reported on `ready`.
+fn serve(config: MountConfig, mountpoint: PathBuf, fd: OwnedFd, ready: Option<OwnedFd>) -> Result<(), MountError> {
     let report = |message: &str| {
         if let Some(ready) = &ready {
             let _ = nix::unistd::write(ready, message.as_bytes());
         }
     };
-    let session = match Session::init(fd) {
-        Ok(session) => session,
+    let started = ChunkCache::open(&config.cache_dir, config.cache_limit, config.memory_limit)
+        .map_err(MountError::from)
+        .and_then(|cache| Ok((Arc::new(cache), Session::init(fd)?)));
+    let (cache, session) = match started {
+        Ok(started) => started,
         Err(e) => {
             let _ = umount2(&mountpoint, MntFlags::MNT_DETACH);
             report(&format!("{e}\n"));
-            return Err(e.into());
+            return Err(e);
         }
     };
     let params = *session.params();
