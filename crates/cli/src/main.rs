@@ -82,7 +82,7 @@ enum Command {
         #[arg(long)]
         prefetch_all: bool,
         /// How far ahead of a sequential reader to fetch (0 disables readahead).
-        #[arg(long, default_value = "8M", value_parser = commands::build::parse_size)]
+        #[arg(long, default_value = "16M", value_parser = commands::build::parse_size)]
         readahead: u64,
         /// Threads serving FUSE requests [default: twice the cores, at least 4].
         #[arg(long)]

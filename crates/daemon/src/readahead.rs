@@ -11,7 +11,7 @@ use phoenixfs_format::{ExtentTarget, ImageFile, Inode, Nid};
 use phoenixfs_store::ChunkStore;
 use tracing::debug;
 
-const THREADS: usize = 2;
+const THREADS: usize = 4;
 /// Files whose last read end is remembered; beyond this the hints are dropped.
 const MAX_TRACKED_FILES: usize = 4096;
 
