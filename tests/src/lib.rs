@@ -74,3 +74,14 @@ pub fn fixture_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// The chunk files under a store's or cache's `chunks/` directory, sorted (none when absent).
+pub fn chunk_files(root: &Path) -> Vec<PathBuf> {
+    let Ok(subdirs) = std::fs::read_dir(root.join("chunks")) else { return Vec::new() };
+    let mut files: Vec<PathBuf> = subdirs
+        .flat_map(|d| std::fs::read_dir(d.expect("chunks/ entry").path()).expect("chunk subdirectory"))
+        .map(|f| f.expect("chunk file").path())
+        .collect();
+    files.sort();
+    files
+}

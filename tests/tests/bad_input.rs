@@ -11,7 +11,7 @@ use phoenixfs_builder::{build, BuildError, BuildOptions};
 use phoenixfs_format::{Digest, ImageId};
 use phoenixfs_store::{ChunkStore, LocalStore, StoreError};
 use phoenixfs_tests::trees::noise;
-use phoenixfs_tests::{build_image, fixture_dir, phoenixfs, run, run_ok};
+use phoenixfs_tests::{build_image, chunk_files, fixture_dir, phoenixfs, run, run_ok};
 
 /// Asserts failure with exactly one line on stderr that contains `needle`.
 fn assert_one_line_error(out: &Output, needle: &str) {
@@ -123,11 +123,7 @@ fn check_names_missing_and_corrupt_chunks() {
     let src = small_tree(&root);
     let store = root.join("store");
     let (image, _) = build_image(&src, &store, &root, &[]);
-    let mut chunk_files: Vec<_> = fs::read_dir(store.join("chunks"))
-        .unwrap()
-        .flat_map(|d| fs::read_dir(d.unwrap().path()).unwrap().map(|f| f.unwrap().path()))
-        .collect();
-    chunk_files.sort();
+    let chunk_files = chunk_files(&store);
     assert_eq!(chunk_files.len(), 3);
     let name = |p: &Path| p.file_name().unwrap().to_str().unwrap().to_string();
     fs::remove_file(&chunk_files[0]).unwrap();

@@ -4,11 +4,8 @@ use std::fs;
 use std::path::Path;
 
 use phoenixfs_tests::trees::noise;
-use phoenixfs_tests::{fixture_dir, phoenixfs, run_ok};
+use phoenixfs_tests::{chunk_files, fixture_dir, phoenixfs, run_ok};
 
-fn count_chunk_objects(store: &Path) -> usize {
-    fs::read_dir(store.join("chunks")).unwrap().map(|d| fs::read_dir(d.unwrap().path()).unwrap().count()).sum()
-}
 
 #[test]
 fn two_trees_sharing_files_store_shared_chunks_once() {
@@ -30,10 +27,10 @@ fn two_trees_sharing_files_store_shared_chunks_once() {
         String::from_utf8(out.stderr).unwrap()
     };
     let report_a = build(&a, "a.phx");
-    assert_eq!(count_chunk_objects(&store), 3 + 2 + 2, "a: {report_a}");
+    assert_eq!(chunk_files(&store).len(), 3 + 2 + 2, "a: {report_a}");
     assert!(report_a.contains("7 chunks (7 new"), "{report_a}");
     let report_b = build(&b, "b.phx");
-    assert_eq!(count_chunk_objects(&store), 3 + 2 + 2 + 1, "b: {report_b}");
+    assert_eq!(chunk_files(&store).len(), 3 + 2 + 2 + 1, "b: {report_b}");
     assert!(report_b.contains("6 chunks (1 new"), "{report_b}");
 
     let json: serde_json::Value = serde_json::from_str(&run_ok(phoenixfs().arg("inspect").arg(root.join("a.phx")).arg("--json"))).unwrap();

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use phoenixfs_tests::mount::{is_mounted, PhoenixMount};
 use phoenixfs_tests::trees::noise;
-use phoenixfs_tests::{build_image, fixture_dir, phoenixfs, run};
+use phoenixfs_tests::{build_image, chunk_files, fixture_dir, phoenixfs, run};
 
 const MIB: usize = 1 << 20;
 
@@ -28,12 +28,6 @@ fn tree(root: &Path, files: usize, size: usize) -> (PathBuf, PathBuf, PathBuf) {
     (src, store, image)
 }
 
-fn count_files(dir: &Path) -> usize {
-    if !dir.exists() {
-        return 0;
-    }
-    fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).map(|p| if p.is_dir() { count_files(&p) } else { 1 }).sum()
-}
 
 #[test]
 fn only_what_is_read_is_fetched() {
@@ -49,7 +43,7 @@ fn only_what_is_read_is_fetched() {
     assert_eq!(fs::read(mount.path().join("file2")).unwrap(), fs::read(src.join("file2")).unwrap());
     let status = mount.status();
     assert_eq!(status["chunks_fetched"], 4, "exactly file2's chunks: {status}");
-    assert_eq!(count_files(&cache.join("chunks")), 4);
+    assert_eq!(chunk_files(&cache).len(), 4);
     assert_eq!(status["bytes_served"], 4 * MIB as u64 + 10);
 }
 
@@ -106,11 +100,7 @@ fn a_torn_or_flipped_cache_entry_is_fetched_again_not_served() {
             fs::read(mount.path().join(format!("file{i}"))).unwrap();
         }
     }
-    let mut chunk_files: Vec<PathBuf> = fs::read_dir(cache.join("chunks"))
-        .unwrap()
-        .flat_map(|d| fs::read_dir(d.unwrap().path()).unwrap().map(|f| f.unwrap().path()))
-        .collect();
-    chunk_files.sort();
+    let chunk_files = chunk_files(&cache);
     assert_eq!(chunk_files.len(), 9);
     let torn = &chunk_files[0];
     fs::write(torn, &fs::read(torn).unwrap()[..1000]).unwrap();
@@ -235,7 +225,7 @@ fn a_chunk_missing_or_corrupt_in_the_store_gives_eio_and_a_log_line_naming_it() 
         let line = line.unwrap_or_else(|| panic!("no log line names {digest}:\n{log}"));
         assert!(line.contains(&image_id), "{line}");
     }
-    assert_eq!(count_files(&root.join("cache/chunks")), 1, "nothing bad was cached");
+    assert_eq!(chunk_files(&root.join("cache")).len(), 1, "nothing bad was cached");
 }
 
 fn wait_for_fetches(mount: &PhoenixMount, want: u64) -> serde_json::Value {
@@ -256,7 +246,7 @@ fn prefetch_warms_the_cache_in_the_background() {
     let all = PhoenixMount::new(&image, &store, &root.join("cache-all"), &["--prefetch-all"]);
     let status = wait_for_fetches(&all, 6);
     assert_eq!(status["chunks_fetched"], 6, "{status}");
-    assert_eq!(count_files(&root.join("cache-all/chunks")), 6);
+    assert_eq!(chunk_files(&root.join("cache-all")).len(), 6);
 
     fs::write(root.join("list"), "file1\n\n/sub/small\nno-such-file\n").unwrap();
     let list = root.join("list");
