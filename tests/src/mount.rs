@@ -9,7 +9,8 @@ use crate::{phoenixfs, run_ok};
 
 pub struct PhoenixMount {
     dir: tempfile::TempDir,
-    pub pid: u32,
+    /// The holder: keeps the connection, outlives workers.
+    pub holder_pid: u32,
 }
 
 impl PhoenixMount {
@@ -18,7 +19,7 @@ impl PhoenixMount {
         let dir = tempfile::tempdir().expect("mount point");
         run_ok(phoenixfs().arg("mount").arg(image).arg(dir.path()).arg("--store").arg(store).arg("--cache").arg(cache).args(extra));
         let status = Self::status_of(dir.path());
-        PhoenixMount { dir, pid: status["pid"].as_u64().expect("pid") as u32 }
+        PhoenixMount { dir, holder_pid: status["holder_pid"].as_u64().expect("holder pid") as u32 }
     }
 
     pub fn path(&self) -> &Path {
@@ -40,11 +41,17 @@ impl PhoenixMount {
         Self::status_of(self.path())
     }
 
-    pub fn daemon_alive(&self) -> bool {
-        Path::new(&format!("/proc/{}", self.pid)).exists()
+    /// The worker serving requests now.
+    pub fn worker_pid(&self) -> u32 {
+        self.status()["pid"].as_u64().expect("worker pid") as u32
     }
 
-    /// Waits up to `timeout` for the daemon to exit; true if it did.
+    /// Whether the holder still runs (it exits after its last worker, once unmounted).
+    pub fn daemon_alive(&self) -> bool {
+        Path::new(&format!("/proc/{}", self.holder_pid)).exists()
+    }
+
+    /// Waits up to `timeout` for the holder to exit; true if it did.
     pub fn wait_for_daemon_exit(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while self.daemon_alive() {
@@ -73,7 +80,7 @@ impl Drop for PhoenixMount {
             }
         }
         if !self.wait_for_daemon_exit(Duration::from_secs(10)) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.holder_pid as i32), nix::sys::signal::Signal::SIGKILL);
         }
     }
 }

@@ -90,6 +90,9 @@ enum Command {
     },
     /// Unmount a phoenixfs mount (detached lazily when files are still open).
     Umount { mountpoint: PathBuf },
+    /// Serve a mount for its holder (started by `mount`, not by hand).
+    #[command(hide = true)]
+    Worker,
     /// Show what a mount (or every phoenixfs mount) is doing.
     Status {
         mountpoint: Option<PathBuf>,
@@ -133,6 +136,7 @@ fn main() -> ExitCode {
             })
         }
         Command::Umount { mountpoint } => commands::mount::umount(&mountpoint),
+        Command::Worker => commands::mount::worker(),
         Command::Status { mountpoint, json } => commands::status::run(mountpoint.as_deref(), json),
     };
     match result {

@@ -16,7 +16,12 @@ pub const RUN_DIR: &str = "/run/phoenixfs";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Status {
+    /// The worker serving requests.
     pub pid: u32,
+    /// The holder keeping the FUSE connection and restarting workers.
+    pub holder_pid: u32,
+    /// Workers started before this one (after crashes or kills).
+    pub worker_restarts: u64,
     pub mountpoint: String,
     pub image: String,
     pub image_id: String,

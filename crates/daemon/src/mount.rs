@@ -3,7 +3,10 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,19 +14,23 @@ use std::sync::Arc;
 use nix::errno::Errno;
 use nix::mount::{umount2, MntFlags};
 use nix::sys::signal::{SigSet, Signal};
-use nix::unistd::{fork, pipe, setsid, ForkResult};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use nix::fcntl::OFlag;
+use nix::unistd::{fork, pipe2, setsid, ForkResult};
 use phoenixfs_cache::{CacheError, ChunkCache};
-use phoenixfs_format::{ExtentTarget, ImageFile, InodeKind};
+use phoenixfs_format::{ExtentTarget, InodeKind};
 use phoenixfs_fuse::session::SessionError;
 use phoenixfs_fuse::{MountOptions, Session};
-use phoenixfs_store::ChunkStore;
+use phoenixfs_store::{load_image, ChunkStore, LocalStore};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::{info, warn};
 
 use crate::control::{self, Status};
 use crate::fs::ImageFs;
+use crate::handover::{self, State};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Prefetch {
     Nothing,
     All,
@@ -31,23 +38,47 @@ pub enum Prefetch {
     Paths(Vec<String>),
 }
 
-pub struct MountConfig {
-    pub image: ImageFile,
-    /// How the user named the image; shown as the mount's source.
-    pub image_name: String,
-    pub store: Arc<dyn ChunkStore>,
-    pub store_location: String,
+/// Everything a worker needs to serve a mount, from the holder: serialisable, so a new
+/// process (a restarted worker, a new binary) can be given it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountSpec {
+    /// An image file path or an image id in `store` (see `phoenixfs_store::load_image`).
+    pub image: String,
+    pub store: PathBuf,
     pub cache_dir: PathBuf,
     pub cache_limit: u64,
     pub memory_limit: u64,
     pub mountpoint: PathBuf,
-    pub foreground: bool,
     pub threads: usize,
     pub readahead: u64,
     pub prefetch: Prefetch,
     pub allow_other: bool,
     /// Show a prefetch progress line on stderr.
     pub progress: bool,
+}
+
+#[cfg(test)]
+impl MountSpec {
+    pub(crate) fn for_tests() -> Self {
+        MountSpec {
+            image: "image.phx".into(),
+            store: "/store".into(),
+            cache_dir: "/cache".into(),
+            cache_limit: 1 << 30,
+            memory_limit: 1 << 20,
+            mountpoint: "/mnt".into(),
+            threads: 4,
+            readahead: 1 << 20,
+            prefetch: Prefetch::Paths(vec!["a".into()]),
+            allow_other: true,
+            progress: false,
+        }
+    }
+}
+
+pub struct MountConfig {
+    pub spec: MountSpec,
+    pub foreground: bool,
 }
 
 #[derive(Debug, Error)]
@@ -138,12 +169,14 @@ pub fn preflight(mountpoint: &Path) -> Result<PathBuf, MountError> {
 /// Mounts the image and serves it; in the background unless `foreground`. Returns once the
 /// mount is ready (background) or unmounted (foreground).
 pub fn mount(config: MountConfig) -> Result<(), MountError> {
-    let mountpoint = preflight(&config.mountpoint)?;
-    let fd = phoenixfs_fuse::mount(&mountpoint, &MountOptions { source: config.image_name.clone(), allow_other: config.allow_other })?;
+    let mut spec = config.spec;
+    let mountpoint = preflight(&spec.mountpoint)?;
+    spec.mountpoint = mountpoint.clone();
+    let fd = phoenixfs_fuse::mount(&mountpoint, &MountOptions { source: spec.image.clone(), allow_other: spec.allow_other })?;
     if config.foreground {
-        return serve(config, mountpoint, fd, None);
+        return hold(spec, fd, None);
     }
-    let (ready_read, ready_write) = pipe().map_err(|e| MountError::Io { what: "creating a pipe".into(), source: e.into() })?;
+    let (ready_read, ready_write) = pipe2(OFlag::O_CLOEXEC).map_err(|e| MountError::Io { what: "creating a pipe".into(), source: e.into() })?;
     // SAFETY: no other thread exists yet in this process (nothing above spawns one), so the
     // child may do anything.
     match unsafe { fork() } {
@@ -162,7 +195,7 @@ pub fn mount(config: MountConfig) -> Result<(), MountError> {
             drop(ready_read);
             let _ = setsid();
             redirect_stdio(&mountpoint);
-            let code = match serve(config, mountpoint, fd, Some(ready_write)) {
+            let code = match hold(spec, fd, Some(ready_write)) {
                 Ok(()) => 0,
                 Err(e) => {
                     warn!(error = %e, "mount daemon failed");
@@ -195,31 +228,31 @@ fn redirect_stdio(mountpoint: &Path) {
     }
 }
 
-/// Runs in the daemon process (after the fork, so that the cache's per-process state is the
-/// daemon's). Failures before the mount is ready unmount it and are reported on `ready`.
-fn serve(config: MountConfig, mountpoint: PathBuf, fd: OwnedFd, ready: Option<OwnedFd>) -> Result<(), MountError> {
+/// The holder: answers INIT, keeps the FUSE fd and the session state, and (re)starts the
+/// worker that serves, handing it both. It never reads a request after INIT. Runs until the
+/// file system is unmounted (the worker then exits cleanly). Failures before the first worker
+/// serves unmount and are reported on `ready`.
+fn hold(spec: MountSpec, fd: OwnedFd, ready: Option<OwnedFd>) -> Result<(), MountError> {
+    let mountpoint = spec.mountpoint.clone();
+    // The one answer to `mount`'s parent: "ok" or why not; closing the pipe ends its wait.
+    let ready = std::cell::RefCell::new(ready);
     let report = |message: &str| {
-        if let Some(ready) = &ready {
-            let _ = nix::unistd::write(ready, message.as_bytes());
+        if let Some(ready) = ready.borrow_mut().take() {
+            let _ = nix::unistd::write(&ready, message.as_bytes());
         }
     };
-    let started = ChunkCache::open(&config.cache_dir, config.cache_limit, config.memory_limit)
-        .map_err(MountError::from)
-        .and_then(|cache| Ok((Arc::new(cache), Session::init(fd)?)));
-    let (cache, session) = match started {
-        Ok(started) => started,
-        Err(e) => {
-            let _ = umount2(&mountpoint, MntFlags::MNT_DETACH);
-            report(&format!("{e}\n"));
-            return Err(e);
-        }
+    let fail = |e: MountError| {
+        let _ = umount2(&mountpoint, MntFlags::MNT_DETACH);
+        report(&format!("{e}\n"));
+        e
     };
+    let session = Session::init(fd).map_err(|e| fail(e.into()))?;
     let params = *session.params();
-    set_kernel_readahead(&mountpoint);
     if !params.has_resend() {
-        warn!("this kernel cannot resend FUSE requests (FUSE_HAS_RESEND, Linux 6.9+): requests in flight when the daemon dies may hang");
+        warn!("this kernel cannot resend FUSE requests (FUSE_HAS_RESEND, Linux 6.9+): requests in flight when the worker dies may hang");
     }
-    // Termination signals unmount; the session then ends when the kernel closes the connection.
+    set_kernel_readahead(&mountpoint);
+    // Termination signals unmount; the worker then sees the connection end and exits cleanly.
     let signals = SigSet::from_iter([Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP]);
     let _ = signals.thread_block();
     let signal_mountpoint = mountpoint.clone();
@@ -231,28 +264,142 @@ fn serve(config: MountConfig, mountpoint: PathBuf, fd: OwnedFd, ready: Option<Ow
                 let _ = umount2(&signal_mountpoint, MntFlags::MNT_DETACH);
             }
         })
-        .map_err(|source| MountError::Io { what: "spawning the signal thread".into(), source })?;
+        .map_err(|source| fail(MountError::Io { what: "spawning the signal thread".into(), source }))?;
 
-    let image = Arc::new(config.image);
-    let fs = ImageFs::new(image.clone(), config.store.clone(), cache.clone(), config.readahead);
+    let mut restarts = 0u64;
+    let mut quick_failures = 0u32;
+    let mut serving = false;
+    loop {
+        let started = Instant::now();
+        let state = State { params, spec: spec.clone(), restarts, holder_pid: std::process::id() };
+        let (mut worker, answer) = match start_worker(&state, session.fd()) {
+            Ok(started) => started,
+            Err(e) if !serving => return Err(fail(e)),
+            Err(e) => {
+                warn!(error = %e, "cannot start a worker; retrying");
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+        };
+        if !serving {
+            match answer.strip_prefix("ok") {
+                Some(_) => {
+                    serving = true;
+                    report("ok\n");
+                }
+                None => {
+                    let _ = worker.wait();
+                    let why = if answer.is_empty() { "the worker exited during start-up".to_string() } else { answer.trim().to_string() };
+                    return Err(fail(MountError::Daemon(why)));
+                }
+            }
+        }
+        let status = worker.wait().map_err(|source| MountError::Io { what: "waiting for the worker".into(), source })?;
+        if status.success() {
+            info!(mountpoint = %mountpoint.display(), "unmounted");
+            return Ok(());
+        }
+        restarts += 1;
+        warn!(pid = worker.id(), %status, restarts, "worker died; starting another");
+        if started.elapsed() < Duration::from_secs(1) {
+            quick_failures += 1;
+            std::thread::sleep(Duration::from_millis(10 << quick_failures.min(8)));
+        } else {
+            quick_failures = 0;
+        }
+    }
+}
+
+/// Starts `phoenixfs worker` (this same binary) with a hand-over socket as its fd 3, hands it
+/// the state and the FUSE fd, and waits for its first line ("ok", or why it failed).
+fn start_worker(state: &State, fuse: BorrowedFd<'_>) -> Result<(Child, String), MountError> {
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source: io::Error| MountError::Io { what: what.clone(), source }
+    };
+    let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+        .map_err(|e| io("creating the hand-over socket")(e.into()))?;
+    let theirs_raw = theirs.as_raw_fd();
+    let binary = std::env::current_exe().map_err(io("finding this binary"))?;
+    let mut command = Command::new(binary);
+    command.arg("worker").stdin(Stdio::null()).process_group(0);
+    // SAFETY: dup2 is async-signal-safe; fd 3 in the child becomes the hand-over socket
+    // (dup2 clears close-on-exec on the copy).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::dup2(theirs_raw, 3) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().map_err(io("starting the worker"))?;
+    drop(theirs);
+    handover::send(ours.as_fd(), state, fuse).map_err(|e| MountError::Daemon(e.to_string()))?;
+    let mut answer = vec![0u8; 4096];
+    let n = nix::unistd::read(ours.as_raw_fd(), &mut answer).unwrap_or(0);
+    Ok((child, String::from_utf8_lossy(&answer[..n]).into_owned()))
+}
+
+/// The worker: takes over the connection from the holder (fd 3), asks the kernel to resend
+/// what a dead predecessor left unanswered, and serves until unmounted. Refuses state it
+/// cannot read.
+pub fn run_worker() -> Result<(), MountError> {
+    // SAFETY: the holder started this process with the hand-over socket as fd 3, and nothing
+    // else in this process owns fd 3.
+    let socket = unsafe { OwnedFd::from_raw_fd(3) };
+    let answer = |message: &str| {
+        let _ = nix::unistd::write(&socket, message.as_bytes());
+    };
+    let (state, fuse) = handover::receive(socket.as_fd()).map_err(|e| {
+        answer(&format!("{e}\n"));
+        MountError::Daemon(e.to_string())
+    })?;
+    let started = start_serving(&state, fuse);
+    let (session, fs) = match started {
+        Ok(started) => started,
+        Err(e) => {
+            answer(&format!("{e}\n"));
+            return Err(e);
+        }
+    };
+    answer("ok\n");
+    drop(socket);
+    session.serve(fs, state.spec.threads)?;
+    Ok(())
+}
+
+fn start_serving(state: &State, fuse: OwnedFd) -> Result<(Session, Arc<ImageFs>), MountError> {
+    let spec = &state.spec;
+    let store = LocalStore::open(&spec.store).map_err(|e| MountError::Daemon(e.to_string()))?;
+    let image = load_image(&spec.image, Some(&store)).map_err(|e| MountError::Daemon(e.to_string()))?;
+    let cache = Arc::new(ChunkCache::open(&spec.cache_dir, spec.cache_limit, spec.memory_limit)?);
+    let session = Session::resume(fuse, state.params);
+    if state.params.has_resend() {
+        session.notify_resend()?;
+    }
+    let store_location = store.location();
+    let image = Arc::new(image);
+    let fs = ImageFs::new(image.clone(), Arc::new(store), cache, spec.readahead);
     let status_fs = fs.clone();
-    let (image_name, store_location, status_mountpoint) = (config.image_name.clone(), config.store_location.clone(), mountpoint.clone());
-    let cache_limit = config.cache_limit;
-    let log = if ready.is_some() { control::log_path(&mountpoint).display().to_string() } else { "stderr".to_string() };
-    let socket = control::serve(&mountpoint, move || {
+    let (status_spec, params, restarts, holder_pid) = (spec.clone(), state.params, state.restarts, state.holder_pid);
+    let log = if nix::unistd::isatty(2).unwrap_or(false) { "stderr".to_string() } else { control::log_path(&spec.mountpoint).display().to_string() };
+    control::serve(&spec.mountpoint, move || {
         let cache = &status_fs.cache;
         let (cache_chunks, cache_bytes) = cache.disk_usage();
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         Status {
             pid: std::process::id(),
-            mountpoint: status_mountpoint.display().to_string(),
-            image: image_name.clone(),
+            holder_pid,
+            worker_restarts: restarts,
+            mountpoint: status_spec.mountpoint.display().to_string(),
+            image: status_spec.image.clone(),
             image_id: status_fs.image.id.to_string(),
             store: store_location.clone(),
             cache_dir: cache.dir().display().to_string(),
             cache_chunks,
             cache_bytes,
-            cache_limit,
+            cache_limit: status_spec.cache_limit,
             chunks_fetched: load(&cache.stats.fetches),
             fetched_bytes: load(&cache.stats.fetched_bytes),
             cache_hits: load(&cache.stats.memory_hits) + load(&cache.stats.disk_hits),
@@ -267,20 +414,16 @@ fn serve(config: MountConfig, mountpoint: PathBuf, fd: OwnedFd, ready: Option<Ow
         }
     })
     .map_err(|source| MountError::Io { what: "creating the status socket".into(), source })?;
-    if !matches!(config.prefetch, Prefetch::Nothing) {
-        let (fs, prefetch, progress) = (fs.clone(), config.prefetch.clone(), config.progress);
+    // Prefetch once per mount, not again after every restart.
+    if restarts == 0 && spec.prefetch != Prefetch::Nothing {
+        let (fs, prefetch, progress) = (fs.clone(), spec.prefetch.clone(), spec.progress);
         std::thread::Builder::new()
             .name("prefetch".into())
             .spawn(move || prefetch_chunks(&fs, &prefetch, progress))
             .map_err(|source| MountError::Io { what: "spawning the prefetch thread".into(), source })?;
     }
-    info!(mountpoint = %mountpoint.display(), image = %image.id, "mounted");
-    report("ok\n");
-    drop(ready);
-    let result = session.serve(fs, config.threads);
-    let _ = fs::remove_file(socket);
-    info!(mountpoint = %mountpoint.display(), "unmounted");
-    Ok(result?)
+    info!(mountpoint = %spec.mountpoint.display(), image = %image.id, restarts, "worker serving");
+    Ok((session, fs))
 }
 
 /// Lets the kernel read ahead as much as one READ can carry (1 MiB instead of the default

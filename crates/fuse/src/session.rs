@@ -44,6 +44,8 @@ pub enum SessionError {
     Major(u32),
     #[error("the connection ended before INIT")]
     Unmounted,
+    #[error("sending a notification to the kernel: {0}")]
+    Notify(Errno),
 }
 
 /// Everything negotiated at INIT: the only session state. The kernel never sends INIT again,
@@ -163,8 +165,26 @@ impl Session {
         Ok(Session { fd, params })
     }
 
+    /// Resumes a connection another process initialised: the kernel never sends INIT again,
+    /// so `params` must be what that process negotiated.
+    pub fn resume(fd: OwnedFd, params: SessionParams) -> Session {
+        Session { fd, params }
+    }
+
     pub fn params(&self) -> &SessionParams {
         &self.params
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// FUSE_NOTIFY_RESEND: the kernel queues again every request that was read from this
+    /// connection but never answered (a dead worker's), marked with bit 63 of `unique`.
+    pub fn notify_resend(&self) -> Result<(), SessionError> {
+        const FUSE_NOTIFY_RESEND: i32 = 7;
+        let header = out_header(OUT_HEADER_SIZE, FUSE_NOTIFY_RESEND, 0);
+        nix::unistd::write(&self.fd, &header).map(drop).map_err(SessionError::Notify)
     }
 
     /// Serves requests on `threads` threads until the file system is unmounted.

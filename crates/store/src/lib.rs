@@ -7,6 +7,7 @@
 //! Must never: hand out a chunk it has not verified when asked to verify, leave a partly
 //! written object under its final name, or know about mounts, FUSE or cachefiles.
 
+mod image;
 mod local;
 mod memory;
 mod verify;
@@ -17,6 +18,7 @@ use std::path::PathBuf;
 use phoenixfs_format::{Digest, ImageId};
 use thiserror::Error;
 
+pub use image::{load_image, ImageLoadError};
 pub use local::LocalStore;
 pub use memory::MemoryStore;
 pub use verify::{verify_chunks, ChunkProblem};

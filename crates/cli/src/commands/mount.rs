@@ -1,12 +1,11 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use phoenixfs_daemon::{query_status, MountConfig, Prefetch, Unmounted};
-use phoenixfs_store::{ChunkStore, LocalStore};
+use phoenixfs_daemon::{query_status, MountConfig, MountSpec, Prefetch, Unmounted};
+use phoenixfs_store::LocalStore;
 
 use crate::image_arg;
 
@@ -33,9 +32,11 @@ fn default_cache_dir() -> PathBuf {
 
 pub fn run(args: MountArgs) -> Result<ExitCode> {
     phoenixfs_daemon::preflight(&args.mountpoint)?;
+    // Load once here so that a bad image or store is reported before anything is mounted;
+    // the worker loads it again from the same names.
     let store = LocalStore::open(&args.store)?;
-    let image = image_arg::load(&args.image, Some(&store))?;
-    let image_name = match std::fs::canonicalize(&args.image) {
+    image_arg::load(&args.image, Some(&store))?;
+    let image = match std::fs::canonicalize(&args.image) {
         Ok(path) => path.display().to_string(),
         Err(_) => args.image.clone(),
     };
@@ -48,34 +49,37 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
         (None, false) => Prefetch::Nothing,
     };
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let config = MountConfig {
+    let spec = MountSpec {
         image,
-        image_name,
-        store_location: store.location(),
-        store: Arc::new(store),
+        store: store.root().to_path_buf(),
         cache_dir: args.cache.unwrap_or_else(default_cache_dir),
         cache_limit: args.cache_size,
         memory_limit: 256 << 20,
         mountpoint: args.mountpoint,
-        foreground: args.foreground,
         threads: args.threads.unwrap_or((2 * cores).max(4)),
         readahead: args.readahead,
         prefetch,
         allow_other: true,
         progress: args.foreground && std::io::stderr().is_terminal(),
     };
-    phoenixfs_daemon::mount(config)?;
+    phoenixfs_daemon::mount(MountConfig { spec, foreground: args.foreground })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The hidden `worker` subcommand: started by a mount's holder, never by hand.
+pub fn worker() -> Result<ExitCode> {
+    phoenixfs_daemon::run_worker()?;
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn umount(mountpoint: &Path) -> Result<ExitCode> {
-    let pid = query_status(&std::fs::canonicalize(mountpoint).unwrap_or(mountpoint.to_path_buf())).ok().map(|s| s.pid);
+    let holder = query_status(&std::fs::canonicalize(mountpoint).unwrap_or(mountpoint.to_path_buf())).ok().map(|s| s.holder_pid);
     match phoenixfs_daemon::unmount(mountpoint)? {
         Unmounted::Detached => {
             eprintln!("{} is busy: detached now; its daemon exits when the last open file is closed", mountpoint.display());
         }
         Unmounted::Clean => {
-            if let Some(pid) = pid {
+            if let Some(pid) = holder {
                 let deadline = Instant::now() + Duration::from_secs(10);
                 while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(20));

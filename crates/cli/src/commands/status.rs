@@ -26,7 +26,8 @@ fn print(status: &Status) {
     println!("cache        {} hits, {} misses, {} corrupt entries discarded", status.cache_hits, status.cache_misses, status.corrupt_cache_entries_discarded);
     println!("served       {} requests, {} bytes, {} errors", status.requests, status.bytes_served, status.errors);
     println!("log          {}", status.log);
-    println!("daemon       pid {}, FUSE 7.{}{}", status.pid, status.fuse_kernel_minor, if status.fuse_resend_supported { ", resend supported" } else { "" });
+    println!("daemon       holder pid {}, worker pid {} ({} restarts)", status.holder_pid, status.pid, status.worker_restarts);
+    println!("fuse         7.{}{}", status.fuse_kernel_minor, if status.fuse_resend_supported { ", resend supported" } else { "" });
 }
 
 pub fn run(mountpoint: Option<&Path>, json: bool) -> Result<ExitCode> {
