@@ -164,6 +164,11 @@ fn a_request_the_killed_worker_held_is_answered_by_the_next() {
     std::thread::sleep(Duration::from_millis(200));
     // The new worker now waits on the fifo for the resent READ: feed it the real chunk.
     File::options().write(true).open(&chunk).unwrap().write_all(&stored).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !reader.is_finished() {
+        assert!(Instant::now() < deadline, "the held read was never answered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let got = reader.join().unwrap().expect("the read succeeds after the takeover");
     assert!(got == data, "the resent read returned the right bytes");
     assert_eq!(mount.status()["worker_restarts"], 1);
