@@ -73,6 +73,14 @@ pub fn is_mounted(path: &Path) -> bool {
 
 impl Drop for PhoenixMount {
     fn drop(&mut self) {
+        let worker = phoenixfs()
+            .arg("status")
+            .arg(self.path())
+            .arg("--json")
+            .output()
+            .ok()
+            .and_then(|out| serde_json::from_slice::<serde_json::Value>(&out.stdout).ok())
+            .and_then(|all| all[0]["pid"].as_u64());
         if is_mounted(self.path()) {
             let ok = phoenixfs().arg("umount").arg(self.path()).status().is_ok_and(|s| s.success());
             if !ok {
@@ -80,7 +88,9 @@ impl Drop for PhoenixMount {
             }
         }
         if !self.wait_for_daemon_exit(Duration::from_secs(10)) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.holder_pid as i32), nix::sys::signal::Signal::SIGKILL);
+            for pid in [Some(u64::from(self.holder_pid)), worker].into_iter().flatten() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            }
         }
     }
 }
