@@ -49,6 +49,14 @@ pub fn build_image(src: &Path, store: &Path, out_dir: &Path, extra: &[&str]) -> 
     (image, id.trim().to_string())
 }
 
+/// Asserts that a command failed with exactly one line on stderr, containing `needle`.
+pub fn assert_one_line_error(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, got success; stderr: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line expected: {stderr}");
+    assert!(stderr.contains(needle), "{needle:?} not in {stderr:?}");
+}
+
 /// Materialises the image's blob with the CLI; None when the image has no chunks.
 pub fn export_blob(image: &Path, store: &Path, out: &Path) -> Option<PathBuf> {
     run_ok(phoenixfs().arg("blob").arg(image).arg("--store").arg(store).arg("-o").arg(out));

@@ -4,22 +4,14 @@
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use phoenixfs_builder::{build, BuildError, BuildOptions};
 use phoenixfs_format::{Digest, ImageId};
 use phoenixfs_store::{ChunkStore, LocalStore, StoreError};
 use phoenixfs_tests::trees::noise;
-use phoenixfs_tests::{build_image, chunk_files, fixture_dir, phoenixfs, run, run_ok};
-
-/// Asserts failure with exactly one line on stderr that contains `needle`.
-fn assert_one_line_error(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure, got success; stderr: {stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "one line expected: {stderr}");
-    assert!(stderr.contains(needle), "{needle:?} not in {stderr:?}");
-}
+use phoenixfs_tests::{assert_one_line_error, build_image, chunk_files, fixture_dir, phoenixfs, run, run_ok};
 
 fn small_tree(root: &Path) -> std::path::PathBuf {
     let src = root.join("src");

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use phoenixfs_tests::mount::{is_mounted, PhoenixMount};
 use phoenixfs_tests::trees::noise;
-use phoenixfs_tests::{build_image, chunk_files, fixture_dir, phoenixfs, run};
+use phoenixfs_tests::{assert_one_line_error, build_image, chunk_files, fixture_dir, phoenixfs, run};
 
 const MIB: usize = 1 << 20;
 
@@ -154,10 +154,7 @@ fn umount_with_active_readers_leaves_no_mount_and_no_process() {
 
 /// Asserts failure with one line on stderr containing `needle`, and nothing mounted at `at`.
 fn assert_refused(out: std::process::Output, needle: &str, at: &Path) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure: {stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
-    assert!(stderr.contains(needle), "{needle:?} not in {stderr:?}");
+    assert_one_line_error(&out, needle);
     assert!(!is_mounted(at), "{} was mounted", at.display());
 }
 
@@ -181,10 +178,7 @@ fn bad_mounts_are_refused_with_one_line_and_leave_nothing_mounted() {
     assert_refused(mount(&root.join("garbage.phx"), &target, &store), "garbage.phx", &target);
 
     let first = PhoenixMount::new(&image, &store, &cache, &[]);
-    let out = mount(&image, first.path(), &store);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("already mounted"), "{stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1);
+    assert_one_line_error(&mount(&image, first.path(), &store), "already mounted");
 
     // Not root: refused before anything is mounted.
     let out = Command::new("setpriv")

@@ -19,4 +19,4 @@ mod readahead;
 
 pub use control::{query_status, socket_path, Status};
 pub use fs::{FsStats, ImageFs};
-pub use mount::{mount, preflight, run_worker, unmount, MountConfig, MountError, MountSpec, Prefetch, Unmounted};
+pub use mount::{mount, phoenixfs_mountpoints, preflight, run_worker, unmount, MountConfig, MountError, MountSpec, Prefetch, Unmounted};

@@ -141,6 +141,11 @@ fn unescape(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Mountpoints of every phoenixfs mount in this mount namespace.
+pub fn phoenixfs_mountpoints() -> Result<Vec<PathBuf>, MountError> {
+    Ok(mount_table()?.into_iter().filter(|m| m.fstype == "fuse.phoenixfs").map(|m| m.mountpoint).collect())
+}
+
 /// The canonical mountpoint, if it is an existing directory that nothing is mounted on.
 pub fn check_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
     let bad = |detail: &str| MountError::Mountpoint { path: path.to_path_buf(), detail: detail.to_string() };

@@ -1,21 +1,8 @@
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use phoenixfs_daemon::{query_status, Status};
-
-/// Mountpoints of phoenixfs mounts, from /proc/self/mounts.
-fn phoenixfs_mounts() -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
-    Ok(text
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split(' ');
-            let (_, mountpoint, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-            (fstype == "fuse.phoenixfs").then(|| PathBuf::from(mountpoint.replace("\\040", " ")))
-        })
-        .collect())
-}
 
 fn print(status: &Status) {
     println!("mountpoint   {}", status.mountpoint);
@@ -33,7 +20,7 @@ fn print(status: &Status) {
 pub fn run(mountpoint: Option<&Path>, json: bool) -> Result<ExitCode> {
     let mountpoints = match mountpoint {
         Some(path) => vec![std::fs::canonicalize(path).with_context(|| format!("mountpoint {}", path.display()))?],
-        None => phoenixfs_mounts()?,
+        None => phoenixfs_daemon::phoenixfs_mountpoints()?,
     };
     if mountpoints.is_empty() {
         println!("no phoenixfs mounts");
