@@ -90,9 +90,20 @@ enum Command {
     },
     /// Unmount a phoenixfs mount (detached lazily when files are still open).
     Umount { mountpoint: PathBuf },
-    /// Serve a mount for its holder (started by `mount`, not by hand).
+    /// Replace a mount's worker with one from BINARY while applications read: nothing is
+    /// lost, resent or answered twice; if the new worker fails to start, the old one serves on.
+    Upgrade {
+        mountpoint: PathBuf,
+        /// The binary to run the new worker from [default: this one].
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
+    /// Serve a mount for its holder (started by a holder, not by hand).
     #[command(hide = true)]
     Worker,
+    /// Hold a mount for a worker whose holder died (started by a worker, not by hand).
+    #[command(hide = true)]
+    Holder,
     /// Show what a mount (or every phoenixfs mount) is doing.
     Status {
         mountpoint: Option<PathBuf>,
@@ -113,7 +124,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    // A mount's daemon logs its life (takeovers, stalls, upgrades) by default.
+    let daemon = matches!(cli.command, Command::Mount { .. } | Command::Worker | Command::Holder);
+    init_logging(cli.verbose + u8::from(daemon));
     let result = match cli.command {
         Command::Build { src, store, output, chunk_size, zstd_level } => {
             commands::build::run(&src, &store, &output, chunk_size, zstd_level)
@@ -133,10 +146,13 @@ fn main() -> ExitCode {
                 prefetch_all,
                 readahead,
                 threads,
+                log_level: cli.verbose,
             })
         }
+        Command::Upgrade { mountpoint, binary } => commands::mount::upgrade(&mountpoint, binary),
         Command::Umount { mountpoint } => commands::mount::umount(&mountpoint),
         Command::Worker => commands::mount::worker(),
+        Command::Holder => commands::mount::holder(),
         Command::Status { mountpoint, json } => commands::status::run(mountpoint.as_deref(), json),
     };
     match result {

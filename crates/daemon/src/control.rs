@@ -3,6 +3,7 @@
 //! Readable by root only (the directory is 0700).
 
 use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -14,14 +15,21 @@ use tracing::warn;
 
 pub const RUN_DIR: &str = "/run/phoenixfs";
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Status {
     /// The worker serving requests.
     pub pid: u32,
     /// The holder keeping the FUSE connection and restarting workers.
     pub holder_pid: u32,
-    /// Workers started before this one (after crashes or kills).
+    /// Workers started after a predecessor died (crashes, kills).
     pub worker_restarts: u64,
+    /// Workers started by `phoenixfs upgrade`.
+    pub upgrades: u64,
+    /// The latest takeovers after a worker died: from its death to the first answered
+    /// request, oldest first.
+    pub takeover_stalls_ms: Vec<f64>,
+    /// Requests this worker read that the kernel had resent (a dead worker's).
+    pub resent_requests: u64,
     pub mountpoint: String,
     pub image: String,
     pub image_id: String,
@@ -55,9 +63,34 @@ pub fn log_path(mountpoint: &Path) -> PathBuf {
     socket_path(mountpoint).with_extension("log")
 }
 
+/// The control socket of the holder of the mount at `mountpoint`.
+pub fn holder_socket_path(mountpoint: &Path) -> PathBuf {
+    socket_path(mountpoint).with_extension("holder")
+}
+
+pub fn make_run_dir() -> io::Result<()> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(RUN_DIR)
+}
+
+/// A daemon's stdin and stdout go to /dev/null, its log (stderr) to `log_path`.
+pub fn redirect_stdio(mountpoint: &Path) {
+    let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null");
+    let log = make_run_dir().and_then(|()| std::fs::OpenOptions::new().create(true).append(true).open(log_path(mountpoint)));
+    if let Ok(null) = null {
+        let _ = nix::unistd::dup2(null.as_raw_fd(), 0);
+        let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
+        if log.is_err() {
+            let _ = nix::unistd::dup2(null.as_raw_fd(), 2);
+        }
+    }
+    if let Ok(log) = log {
+        let _ = nix::unistd::dup2(log.as_raw_fd(), 2);
+    }
+}
+
 /// Binds the status socket and answers each connection with `status()` as JSON.
 pub fn serve(mountpoint: &Path, status: impl Fn() -> Status + Send + 'static) -> io::Result<PathBuf> {
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(RUN_DIR)?;
+    make_run_dir()?;
     let path = socket_path(mountpoint);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;

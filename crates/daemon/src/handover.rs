@@ -1,6 +1,7 @@
-//! What a holder hands a worker: the FUSE fd (SCM_RIGHTS over a Unix SEQPACKET socket) and
-//! the session state, versioned and checksummed so that a worker given state it cannot read
-//! refuses loudly instead of serving wrong answers.
+//! What a holder and a worker say over their Unix SEQPACKET socket: first the hand-over (the
+//! FUSE fd by SCM_RIGHTS and the session state, versioned and checksummed so that a process
+//! given state it cannot read refuses loudly instead of serving wrong answers), then small
+//! [`Message`]s both ways. The socket closing is how each learns the other died.
 //!
 //! ```text
 //! "PHXSTATE" | version u32 LE | json length u32 LE | json | sha256(json)
@@ -9,7 +10,7 @@
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
+use nix::sys::socket::{getsockopt, recvmsg, sendmsg, sockopt, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
 use phoenixfs_fuse::SessionParams;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -18,16 +19,68 @@ use thiserror::Error;
 use crate::mount::MountSpec;
 
 const MAGIC: &[u8; 8] = b"PHXSTATE";
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
 const MAX_STATE: usize = 1 << 16;
+/// How many takeover stalls the state remembers.
+const STALLS_KEPT: usize = 16;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct State {
     pub params: SessionParams,
     pub spec: MountSpec,
-    /// Workers started before this one.
+    /// Workers started after a predecessor died.
     pub restarts: u64,
+    /// Workers started by `phoenixfs upgrade`.
+    pub upgrades: u64,
     pub holder_pid: u32,
+    /// How the receiving worker comes to serve.
+    pub takeover: Takeover,
+    /// Stalls of the latest takeovers after a worker died, in microseconds, oldest first.
+    pub stalls_us: Vec<u64>,
+}
+
+impl State {
+    pub fn record_stall(&mut self, stall_us: u64) {
+        self.stalls_us.push(stall_us);
+        let excess = self.stalls_us.len().saturating_sub(STALLS_KEPT);
+        self.stalls_us.drain(..excess);
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Takeover {
+    /// The mount's first worker.
+    First,
+    /// The previous worker died at `died_at_ns` (CLOCK_MONOTONIC) with requests perhaps
+    /// read and unanswered: resend them.
+    AfterDeath { died_at_ns: u64 },
+    /// A live worker is being replaced: serve alongside it, resend nothing.
+    Upgrade,
+}
+
+/// What holder and worker tell each other after the hand-over.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Message {
+    /// worker/holder -> its starter: took over, serving (or holding).
+    Ready { pid: u32 },
+    /// worker/holder -> its starter: could not take over.
+    Failed(String),
+    /// worker -> holder: the first reply after a takeover was written at this instant.
+    FirstReply { at_ns: u64 },
+    /// holder -> worker: a newer worker serves now; stop reading, finish, exit.
+    Retire,
+    /// worker -> holder: stopped after `Retire`; every request it read was answered.
+    Retired,
+    /// holder -> worker: a worker died before it finished retiring; resend its requests.
+    Resend,
+    /// worker -> holder: the file system is unmounted; exiting.
+    Unmounted,
+}
+
+/// Now on CLOCK_MONOTONIC in nanoseconds: one clock for all processes of a mount.
+pub fn monotonic_ns() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap_or(nix::sys::time::TimeSpec::new(0, 0));
+    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
 }
 
 #[derive(Debug, Error)]
@@ -38,8 +91,12 @@ pub enum HandoverError {
     Version(u32),
     #[error("hand-over socket: {0}")]
     Socket(nix::errno::Errno),
+    #[error("unreadable message {0:?}")]
+    Garbled(String),
     #[error("hand-over carried no FUSE file descriptor")]
     NoFd,
+    #[error("the other end of the hand-over socket is uid {0}, neither root nor the mount's owner")]
+    Stranger(u32),
 }
 
 pub fn encode(state: &State) -> Vec<u8> {
@@ -103,6 +160,37 @@ pub fn receive(socket: BorrowedFd<'_>) -> Result<(State, OwnedFd), HandoverError
     Ok((decode(&buf[..len])?, fd))
 }
 
+/// Sends one message; fails when the other side is gone.
+pub fn send_message(socket: BorrowedFd<'_>, message: &Message) -> Result<(), HandoverError> {
+    let bytes = serde_json::to_vec(message).expect("message serialises");
+    nix::sys::socket::send(socket.as_raw_fd(), &bytes, MsgFlags::MSG_NOSIGNAL).map(drop).map_err(HandoverError::Socket)
+}
+
+/// Waits for one message; `None` when the other side is gone.
+pub fn receive_message(socket: BorrowedFd<'_>) -> Result<Option<Message>, HandoverError> {
+    let mut buf = [0u8; 4096];
+    let n = loop {
+        match nix::sys::socket::recv(socket.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::ECONNRESET) => return Ok(None),
+            other => break other.map_err(HandoverError::Socket)?,
+        }
+    };
+    if n == 0 {
+        return Ok(None);
+    }
+    serde_json::from_slice(&buf[..n]).map(Some).map_err(|_| HandoverError::Garbled(String::from_utf8_lossy(&buf[..n]).trim().to_string()))
+}
+
+/// The pid of the process at the other end, refusing anyone but root and `owner`.
+pub fn check_peer(socket: BorrowedFd<'_>, owner: u32) -> Result<u32, HandoverError> {
+    let peer = getsockopt(&socket, sockopt::PeerCredentials).map_err(HandoverError::Socket)?;
+    if peer.uid() != 0 && peer.uid() != owner {
+        return Err(HandoverError::Stranger(peer.uid()));
+    }
+    Ok(peer.pid() as u32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,7 +200,10 @@ mod tests {
             params: SessionParams { kernel_minor: 45, minor: 40, kernel_flags: 1 << 39, flags: 1, max_readahead: 131072, max_write: 1 << 20, max_pages: 256 },
             spec: MountSpec::for_tests(),
             restarts: 3,
+            upgrades: 1,
             holder_pid: 42,
+            takeover: Takeover::AfterDeath { died_at_ns: 7 },
+            stalls_us: vec![1500, 900],
         }
     }
 
@@ -127,7 +218,16 @@ mod tests {
         }
         assert!(decode(&bytes[..bytes.len() - 1]).is_err());
         let mut future = bytes.clone();
-        future[8] = 2;
-        assert!(matches!(decode(&future), Err(HandoverError::Version(2))));
+        future[8] = 3;
+        assert!(matches!(decode(&future), Err(HandoverError::Version(3))));
+    }
+
+    #[test]
+    fn only_the_latest_stalls_are_kept() {
+        let mut state = sample();
+        for stall in 0..40 {
+            state.record_stall(stall);
+        }
+        assert_eq!(state.stalls_us, (24..40).collect::<Vec<_>>());
     }
 }

@@ -1,34 +1,22 @@
 //! The mount lifecycle: checks, mount(2), INIT, backgrounding, serving, unmounting.
 
-use std::collections::BTreeSet;
 use std::fs;
 use std::io::{self, Read};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use nix::errno::Errno;
-use nix::mount::{umount2, MntFlags};
-use nix::sys::signal::{SigSet, Signal};
-use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::fcntl::OFlag;
+use nix::mount::{umount2, MntFlags};
 use nix::unistd::{fork, pipe2, setsid, ForkResult};
-use phoenixfs_cache::{CacheError, ChunkCache};
-use phoenixfs_format::{ExtentTarget, InodeKind};
+use phoenixfs_cache::CacheError;
 use phoenixfs_fuse::session::SessionError;
-use phoenixfs_fuse::{MountOptions, Session};
-use phoenixfs_store::{load_image, ChunkStore, LocalStore};
+use phoenixfs_fuse::MountOptions;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tracing::{info, warn};
+use tracing::warn;
 
-use crate::control::{self, Status};
-use crate::fs::ImageFs;
-use crate::handover::{self, State};
+use crate::control;
+use crate::holder::hold;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Prefetch {
@@ -55,6 +43,10 @@ pub struct MountSpec {
     pub allow_other: bool,
     /// Show a prefetch progress line on stderr.
     pub progress: bool,
+    /// The uid that mounted: it (and root) may use the mount's sockets.
+    pub owner_uid: u32,
+    /// How many -v the daemon's processes log with.
+    pub log_level: u8,
 }
 
 #[cfg(test)]
@@ -72,6 +64,8 @@ impl MountSpec {
             prefetch: Prefetch::Paths(vec!["a".into()]),
             allow_other: true,
             progress: false,
+            owner_uid: 0,
+            log_level: 1,
         }
     }
 }
@@ -95,8 +89,10 @@ pub enum MountError {
     Session(#[from] SessionError),
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
-    #[error("the mount daemon failed to start: {0}")]
+    #[error("{0}")]
     Daemon(String),
+    #[error("{0}")]
+    Handover(#[from] crate::handover::HandoverError),
 }
 
 /// One line of /proc/self/mountinfo.
@@ -190,16 +186,22 @@ pub fn mount(config: MountConfig) -> Result<(), MountError> {
             drop(fd);
             let mut message = String::new();
             let _ = fs::File::from(ready_read).read_to_string(&mut message);
-            match message.strip_prefix("ok") {
-                Some(_) => Ok(()),
-                None if message.is_empty() => Err(MountError::Daemon("it exited during start-up".into())),
-                None => Err(MountError::Daemon(message.trim().to_string())),
+            match message.strip_prefix("ok\n") {
+                Some(warnings) => {
+                    for warning in warnings.lines() {
+                        eprintln!("phoenixfs: warning: {warning}");
+                    }
+                    Ok(())
+                }
+                None if message.is_empty() => Err(MountError::Daemon("the mount daemon exited during start-up".into())),
+                None => Err(MountError::Daemon(format!("the mount daemon failed to start: {}", message.trim()))),
             }
         }
         Ok(ForkResult::Child) => {
             drop(ready_read);
             let _ = setsid();
-            redirect_stdio(&mountpoint);
+            let _ = std::env::set_current_dir("/");
+            control::redirect_stdio(&mountpoint);
             let code = match hold(spec, fd, Some(ready_write)) {
                 Ok(()) => 0,
                 Err(e) => {
@@ -216,225 +218,10 @@ pub fn mount(config: MountConfig) -> Result<(), MountError> {
     }
 }
 
-/// The daemon's stdin and stdout go to /dev/null, its log (stderr) to /run/phoenixfs/<key>.log.
-fn redirect_stdio(mountpoint: &Path) {
-    let log = control::log_path(mountpoint);
-    let null = fs::OpenOptions::new().read(true).write(true).open("/dev/null");
-    let log = fs::OpenOptions::new().create(true).append(true).open(log);
-    if let Ok(null) = null {
-        let _ = nix::unistd::dup2(null.as_raw_fd(), 0);
-        let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
-        if log.is_err() {
-            let _ = nix::unistd::dup2(null.as_raw_fd(), 2);
-        }
-    }
-    if let Ok(log) = log {
-        let _ = nix::unistd::dup2(log.as_raw_fd(), 2);
-    }
-}
-
-/// The holder: answers INIT, keeps the FUSE fd and the session state, and (re)starts the
-/// worker that serves, handing it both. It never reads a request after INIT. Runs until the
-/// file system is unmounted (the worker then exits cleanly). Failures before the first worker
-/// serves unmount and are reported on `ready`.
-fn hold(spec: MountSpec, fd: OwnedFd, ready: Option<OwnedFd>) -> Result<(), MountError> {
-    let mountpoint = spec.mountpoint.clone();
-    // The one answer to `mount`'s parent: "ok" or why not; closing the pipe ends its wait.
-    let ready = std::cell::RefCell::new(ready);
-    let report = |message: &str| {
-        if let Some(ready) = ready.borrow_mut().take() {
-            let _ = nix::unistd::write(&ready, message.as_bytes());
-        }
-    };
-    let fail = |e: MountError| {
-        let _ = umount2(&mountpoint, MntFlags::MNT_DETACH);
-        report(&format!("{e}\n"));
-        e
-    };
-    let session = Session::init(fd).map_err(|e| fail(e.into()))?;
-    let params = *session.params();
-    if !params.has_resend() {
-        warn!("this kernel cannot resend FUSE requests (FUSE_HAS_RESEND, Linux 6.9+): requests in flight when the worker dies may hang");
-    }
-    set_kernel_readahead(&mountpoint);
-    // Termination signals unmount; the worker then sees the connection end and exits cleanly.
-    let signals = SigSet::from_iter([Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP]);
-    let _ = signals.thread_block();
-    let signal_mountpoint = mountpoint.clone();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Ok(signal) = signals.wait() {
-                info!(%signal, "unmounting");
-                let _ = umount2(&signal_mountpoint, MntFlags::MNT_DETACH);
-            }
-        })
-        .map_err(|source| fail(MountError::Io { what: "spawning the signal thread".into(), source }))?;
-
-    let mut restarts = 0u64;
-    let mut quick_failures = 0u32;
-    let mut serving = false;
-    loop {
-        let started = Instant::now();
-        let state = State { params, spec: spec.clone(), restarts, holder_pid: std::process::id() };
-        let (mut worker, answer) = match start_worker(&state, session.fd()) {
-            Ok(started) => started,
-            Err(e) if !serving => return Err(fail(e)),
-            Err(e) => {
-                warn!(error = %e, "cannot start a worker; retrying");
-                std::thread::sleep(Duration::from_millis(200));
-                continue;
-            }
-        };
-        if !serving {
-            match answer.strip_prefix("ok") {
-                Some(_) => {
-                    serving = true;
-                    report("ok\n");
-                }
-                None => {
-                    let _ = worker.wait();
-                    let why = if answer.is_empty() { "the worker exited during start-up".to_string() } else { answer.trim().to_string() };
-                    return Err(fail(MountError::Daemon(why)));
-                }
-            }
-        }
-        let status = worker.wait().map_err(|source| MountError::Io { what: "waiting for the worker".into(), source })?;
-        if status.success() {
-            info!(mountpoint = %mountpoint.display(), "unmounted");
-            return Ok(());
-        }
-        restarts += 1;
-        warn!(pid = worker.id(), %status, restarts, "worker died; starting another");
-        if started.elapsed() < Duration::from_secs(1) {
-            quick_failures += 1;
-            std::thread::sleep(Duration::from_millis(10 << quick_failures.min(8)));
-        } else {
-            quick_failures = 0;
-        }
-    }
-}
-
-/// Starts `phoenixfs worker` (this same binary) with a hand-over socket as its fd 3, hands it
-/// the state and the FUSE fd, and waits for its first line ("ok", or why it failed).
-fn start_worker(state: &State, fuse: BorrowedFd<'_>) -> Result<(Child, String), MountError> {
-    let io = |what: &str| {
-        let what = what.to_string();
-        move |source: io::Error| MountError::Io { what: what.clone(), source }
-    };
-    let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
-        .map_err(|e| io("creating the hand-over socket")(e.into()))?;
-    let theirs_raw = theirs.as_raw_fd();
-    let binary = std::env::current_exe().map_err(io("finding this binary"))?;
-    let mut command = Command::new(binary);
-    command.arg("worker").stdin(Stdio::null()).process_group(0);
-    // SAFETY: dup2 is async-signal-safe; fd 3 in the child becomes the hand-over socket
-    // (dup2 clears close-on-exec on the copy).
-    unsafe {
-        command.pre_exec(move || {
-            if libc::dup2(theirs_raw, 3) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = command.spawn().map_err(io("starting the worker"))?;
-    drop(theirs);
-    handover::send(ours.as_fd(), state, fuse).map_err(|e| MountError::Daemon(e.to_string()))?;
-    let mut answer = vec![0u8; 4096];
-    let n = nix::unistd::read(ours.as_raw_fd(), &mut answer).unwrap_or(0);
-    Ok((child, String::from_utf8_lossy(&answer[..n]).into_owned()))
-}
-
-/// The worker: takes over the connection from the holder (fd 3), asks the kernel to resend
-/// what a dead predecessor left unanswered, and serves until unmounted. Refuses state it
-/// cannot read.
-pub fn run_worker() -> Result<(), MountError> {
-    // SAFETY: the holder started this process with the hand-over socket as fd 3, and nothing
-    // else in this process owns fd 3.
-    let socket = unsafe { OwnedFd::from_raw_fd(3) };
-    let answer = |message: &str| {
-        let _ = nix::unistd::write(&socket, message.as_bytes());
-    };
-    let (state, fuse) = handover::receive(socket.as_fd()).map_err(|e| {
-        answer(&format!("{e}\n"));
-        MountError::Daemon(e.to_string())
-    })?;
-    let started = start_serving(&state, fuse);
-    let (session, fs) = match started {
-        Ok(started) => started,
-        Err(e) => {
-            answer(&format!("{e}\n"));
-            return Err(e);
-        }
-    };
-    answer("ok\n");
-    drop(socket);
-    session.serve(fs, state.spec.threads)?;
-    Ok(())
-}
-
-fn start_serving(state: &State, fuse: OwnedFd) -> Result<(Session, Arc<ImageFs>), MountError> {
-    let spec = &state.spec;
-    let store = LocalStore::open(&spec.store).map_err(|e| MountError::Daemon(e.to_string()))?;
-    let image = load_image(&spec.image, Some(&store)).map_err(|e| MountError::Daemon(e.to_string()))?;
-    let cache = Arc::new(ChunkCache::open(&spec.cache_dir, spec.cache_limit, spec.memory_limit)?);
-    let session = Session::resume(fuse, state.params);
-    if state.params.has_resend() {
-        session.notify_resend()?;
-    }
-    let store_location = store.location();
-    let image = Arc::new(image);
-    let fs = ImageFs::new(image.clone(), Arc::new(store), cache, spec.readahead);
-    let status_fs = fs.clone();
-    let (status_spec, params, restarts, holder_pid) = (spec.clone(), state.params, state.restarts, state.holder_pid);
-    let log = if nix::unistd::isatty(2).unwrap_or(false) { "stderr".to_string() } else { control::log_path(&spec.mountpoint).display().to_string() };
-    control::serve(&spec.mountpoint, move || {
-        let cache = &status_fs.cache;
-        let (cache_chunks, cache_bytes) = cache.disk_usage();
-        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-        Status {
-            pid: std::process::id(),
-            holder_pid,
-            worker_restarts: restarts,
-            mountpoint: status_spec.mountpoint.display().to_string(),
-            image: status_spec.image.clone(),
-            image_id: status_fs.image.id.to_string(),
-            store: store_location.clone(),
-            cache_dir: cache.dir().display().to_string(),
-            cache_chunks,
-            cache_bytes,
-            cache_limit: status_spec.cache_limit,
-            chunks_fetched: load(&cache.stats.fetches),
-            fetched_bytes: load(&cache.stats.fetched_bytes),
-            cache_hits: load(&cache.stats.memory_hits) + load(&cache.stats.disk_hits),
-            cache_misses: load(&cache.stats.fetches),
-            corrupt_cache_entries_discarded: load(&cache.stats.corrupt_discarded),
-            bytes_served: load(&status_fs.stats.bytes_served),
-            requests: load(&status_fs.stats.requests),
-            errors: load(&status_fs.stats.errors),
-            log: log.clone(),
-            fuse_kernel_minor: params.kernel_minor,
-            fuse_resend_supported: params.has_resend(),
-        }
-    })
-    .map_err(|source| MountError::Io { what: "creating the status socket".into(), source })?;
-    // Prefetch once per mount, not again after every restart.
-    if restarts == 0 && spec.prefetch != Prefetch::Nothing {
-        let (fs, prefetch, progress) = (fs.clone(), spec.prefetch.clone(), spec.progress);
-        std::thread::Builder::new()
-            .name("prefetch".into())
-            .spawn(move || prefetch_chunks(&fs, &prefetch, progress))
-            .map_err(|source| MountError::Io { what: "spawning the prefetch thread".into(), source })?;
-    }
-    info!(mountpoint = %spec.mountpoint.display(), image = %image.id, restarts, "worker serving");
-    Ok((session, fs))
-}
-
 /// Lets the kernel read ahead as much as one READ can carry (1 MiB instead of the default
 /// 128 KiB), so sequential readers cost a quarter of the requests. The device number comes
 /// from mountinfo: a stat of the mount itself would wait for this very daemon.
-fn set_kernel_readahead(mountpoint: &Path) {
+pub(crate) fn set_kernel_readahead(mountpoint: &Path) {
     let Some(device) = mount_table().ok().and_then(|t| t.into_iter().rev().find(|m| m.mountpoint == mountpoint)).map(|m| m.device) else {
         return warn!("cannot find the mount in mountinfo to raise its readahead");
     };
@@ -442,58 +229,6 @@ fn set_kernel_readahead(mountpoint: &Path) {
     if let Err(error) = fs::write(&path, "1024") {
         warn!(path, %error, "cannot raise the kernel's readahead");
     }
-}
-
-/// Warms the cache with the chunks of the listed files (or of every file), one at a time at
-/// the lowest CPU priority, after the mount is serving.
-fn prefetch_chunks(fs: &ImageFs, prefetch: &Prefetch, progress: bool) {
-    // SAFETY: setpriority with who = 0 changes only the calling thread on Linux.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
-    let bootstrap = &fs.image.bootstrap;
-    let inodes = match prefetch {
-        Prefetch::Nothing => return,
-        Prefetch::All => match bootstrap.walk() {
-            Ok(all) => all.into_iter().map(|(_, inode)| inode).collect(),
-            Err(error) => return warn!(%error, "cannot list the image for prefetch"),
-        },
-        Prefetch::Paths(paths) => paths
-            .iter()
-            .filter_map(|path| match bootstrap.resolve(path.as_bytes()) {
-                Ok(Some(inode)) => Some(inode),
-                _ => {
-                    warn!(path, "prefetch: no such file in the image");
-                    None
-                }
-            })
-            .collect::<Vec<_>>(),
-    };
-    let mut chunks = BTreeSet::new();
-    let mut ordered = Vec::new();
-    for inode in inodes.iter().filter(|i| i.kind == InodeKind::File) {
-        for extent in bootstrap.extents(inode, 0, inode.size()).unwrap_or_default() {
-            if let ExtentTarget::Blob { offset } = extent.target {
-                let index = (offset >> fs.image.table.chunk_bits) as usize;
-                if chunks.insert(index) {
-                    ordered.push(index);
-                }
-            }
-        }
-    }
-    let total = ordered.len();
-    for (done, index) in ordered.into_iter().enumerate() {
-        if let Some(entry) = fs.image.table.entries.get(index) {
-            if let Err(error) = fs.cache.get(entry, fs.store.as_ref()) {
-                warn!(chunk = index, %error, "prefetch fetch failed");
-            }
-        }
-        if progress {
-            eprint!("\rprefetch: {}/{total} chunks", done + 1);
-        }
-    }
-    if progress {
-        eprintln!();
-    }
-    info!(chunks = total, "prefetch done");
 }
 
 /// What `unmount` did.

@@ -15,7 +15,7 @@ pub mod request;
 pub mod session;
 
 pub use fs::{Attr, DirEntryOut, Entry, Filesystem, Piece, StatFs};
-pub use session::{mount, MountOptions, Session, SessionParams};
+pub use session::{mount, Ended, MountOptions, Session, SessionParams};
 
 /// The root directory's nodeid in every FUSE session.
 pub const ROOT_NODEID: u64 = 1;

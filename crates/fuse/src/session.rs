@@ -3,12 +3,15 @@
 use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use fuse_abi::linux as abi;
 use nix::errno::Errno;
 use nix::fcntl::{open, OFlag};
 use nix::mount::{mount as mount2, MsFlags};
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::stat::Mode;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -46,6 +49,8 @@ pub enum SessionError {
     Unmounted,
     #[error("sending a notification to the kernel: {0}")]
     Notify(Errno),
+    #[error("installing the stop signal handler: {0}")]
+    Signal(Errno),
 }
 
 /// Everything negotiated at INIT: the only session state. The kernel never sends INIT again,
@@ -104,7 +109,45 @@ pub fn mount(mountpoint: &Path, options: &MountOptions) -> Result<OwnedFd, Sessi
 pub struct Session {
     fd: OwnedFd,
     params: SessionParams,
+    /// Set by [`Session::stop`]: serving threads stop reading at the next request boundary.
+    stopping: AtomicBool,
+    /// The serving threads blocked in (or about to enter) read(2), for `stop` to interrupt.
+    readers: Mutex<Vec<libc::pthread_t>>,
+    first_reply: FirstReply,
+    resent: AtomicU64,
 }
+
+/// Runs a hook once, when the first reply has been written (takeover stalls end there).
+#[derive(Default)]
+struct FirstReply {
+    done: AtomicBool,
+    hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl FirstReply {
+    fn replied(&self) {
+        if self.done.load(Ordering::Relaxed) || self.done.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Some(hook) = self.hook.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            hook();
+        }
+    }
+}
+
+/// Why [`Session::serve`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The file system was unmounted (the connection is gone).
+    Unmounted,
+    /// [`Session::stop`] was called; every request read was answered.
+    Stopped,
+}
+
+/// The signal that interrupts a serving thread's read(2) when the session stops.
+const STOP_SIGNAL: Signal = Signal::SIGUSR1;
+
+extern "C" fn interrupt_read(_: libc::c_int) {}
 
 /// Capabilities we take when the kernel offers them.
 const WANTED_FLAGS: u64 = abi::FUSE_ASYNC_READ as u64
@@ -162,13 +205,53 @@ impl Session {
         };
         send(fd.as_fd(), request.unique, 0, &[IoSlice::new(out.as_bytes())]);
         debug!(kernel_minor = init.minor, flags = format_args!("{flags:#x}"), "FUSE session initialised");
-        Ok(Session { fd, params })
+        Ok(Session::resume(fd, params))
     }
 
     /// Resumes a connection another process initialised: the kernel never sends INIT again,
     /// so `params` must be what that process negotiated.
     pub fn resume(fd: OwnedFd, params: SessionParams) -> Session {
-        Session { fd, params }
+        Session {
+            fd,
+            params,
+            stopping: AtomicBool::new(false),
+            readers: Mutex::new(Vec::new()),
+            first_reply: FirstReply::default(),
+            resent: AtomicU64::new(0),
+        }
+    }
+
+    /// Calls `hook` once, right after this session writes its first reply.
+    pub fn on_first_reply(&self, hook: impl FnOnce() + Send + 'static) {
+        *self.first_reply.hook.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(hook));
+    }
+
+    /// Requests this session has read that carried the resend mark (bit 63 of `unique`).
+    pub fn resent_requests(&self) -> u64 {
+        self.resent.load(Ordering::Relaxed)
+    }
+
+    /// Makes [`Session::serve`] return [`Ended::Stopped`]: each serving thread stops reading
+    /// at a request boundary and finishes the request it holds. Returns at once; another
+    /// process reading the same connection keeps it served meanwhile.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        // A thread may check the flag just before it blocks in read(2), so interrupt until
+        // every one has left.
+        loop {
+            {
+                let readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+                if readers.is_empty() {
+                    return;
+                }
+                for &thread in readers.iter() {
+                    // SAFETY: threads deregister (under this lock) before they exit, so
+                    // every id here names a live thread.
+                    unsafe { libc::pthread_kill(thread, STOP_SIGNAL as libc::c_int) };
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     pub fn params(&self) -> &SessionParams {
@@ -179,6 +262,10 @@ impl Session {
         self.fd.as_fd()
     }
 
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
     /// FUSE_NOTIFY_RESEND: the kernel queues again every request that was read from this
     /// connection but never answered (a dead worker's), marked with bit 63 of `unique`.
     pub fn notify_resend(&self) -> Result<(), SessionError> {
@@ -187,8 +274,13 @@ impl Session {
         nix::unistd::write(&self.fd, &header).map(drop).map_err(SessionError::Notify)
     }
 
-    /// Serves requests on `threads` threads until the file system is unmounted.
-    pub fn serve(&self, fs: Arc<dyn Filesystem>, threads: usize) -> Result<(), SessionError> {
+    /// Serves requests on `threads` threads until the file system is unmounted or
+    /// [`Session::stop`] is called.
+    pub fn serve(&self, fs: Arc<dyn Filesystem>, threads: usize) -> Result<Ended, SessionError> {
+        // No SA_RESTART: the stop signal must make a blocked read(2) return EINTR.
+        let action = SigAction::new(SigHandler::Handler(interrupt_read), SaFlags::empty(), SigSet::empty());
+        // SAFETY: the handler does nothing, so it is async-signal-safe.
+        unsafe { sigaction(STOP_SIGNAL, &action) }.map_err(SessionError::Signal)?;
         std::thread::scope(|scope| {
             let workers: Vec<_> = (0..threads.max(1))
                 .map(|i| {
@@ -201,12 +293,21 @@ impl Session {
                 .collect();
             workers.into_iter().map(|w| w.join().expect("FUSE thread panicked")).collect::<Result<Vec<()>, _>>()
         })?;
-        Ok(())
+        Ok(if self.stopping.load(Ordering::SeqCst) { Ended::Stopped } else { Ended::Unmounted })
     }
 
     fn serve_thread(&self, fs: &dyn Filesystem) -> Result<(), SessionError> {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        self.readers.lock().unwrap_or_else(|p| p.into_inner()).push(me);
+        let result = self.read_requests(fs);
+        self.readers.lock().unwrap_or_else(|p| p.into_inner()).retain(|&t| t != me);
+        result
+    }
+
+    fn read_requests(&self, fs: &dyn Filesystem) -> Result<(), SessionError> {
         let mut buf = vec![0u8; BUFFER_SIZE];
-        loop {
+        while !self.stopping.load(Ordering::SeqCst) {
             let n = match nix::unistd::read(self.fd.as_raw_fd(), &mut buf) {
                 Ok(n) => n,
                 // ENOENT: the request was interrupted before we read it.
@@ -215,17 +316,31 @@ impl Session {
                 Err(e) => return Err(SessionError::Read(e)),
             };
             match parse(&buf[..n]) {
-                Ok(request) => dispatch(self.fd.as_fd(), &self.params, fs, request),
+                Ok(request) => {
+                    if request.unique & RESENT != 0 {
+                        self.resent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    dispatch(self, fs, request)
+                }
                 Err(error) => {
                     warn!(%error, "malformed FUSE request");
                     if let crate::request::ParseError::ShortArgument { unique, .. } = error {
-                        send(self.fd.as_fd(), unique, -libc::EIO, &[]);
+                        self.send(unique, -libc::EIO, &[]);
                     }
                 }
             }
         }
+        Ok(())
+    }
+
+    fn send(&self, unique: u64, error: i32, body: &[IoSlice<'_>]) {
+        send(self.fd.as_fd(), unique, error, body);
+        self.first_reply.replied();
     }
 }
+
+/// The kernel marks a request it queues again after FUSE_NOTIFY_RESEND with bit 63.
+const RESENT: u64 = 1 << 63;
 
 /// Writes one reply. A reply to a request the kernel gave up on (ENOENT) is not an error.
 fn send(fd: BorrowedFd<'_>, unique: u64, error: i32, body: &[IoSlice<'_>]) {
@@ -243,7 +358,7 @@ fn send(fd: BorrowedFd<'_>, unique: u64, error: i32, body: &[IoSlice<'_>]) {
 /// Answers one request exactly once: consumed by the first answer, and answers EIO if it is
 /// dropped unanswered (a handler forgot, or panicked).
 struct Reply<'a> {
-    fd: BorrowedFd<'a>,
+    session: &'a Session,
     unique: u64,
     answered: bool,
 }
@@ -251,12 +366,12 @@ struct Reply<'a> {
 impl Reply<'_> {
     fn ok(mut self, body: &[u8]) {
         self.answered = true;
-        send(self.fd, self.unique, 0, &[IoSlice::new(body)]);
+        self.session.send(self.unique, 0, &[IoSlice::new(body)]);
     }
 
     fn error(mut self, errno: Errno) {
         self.answered = true;
-        send(self.fd, self.unique, -(errno as i32), &[]);
+        self.session.send(self.unique, -(errno as i32), &[]);
     }
 
     fn result(self, result: Result<Vec<u8>, Errno>) {
@@ -283,24 +398,25 @@ impl Reply<'_> {
                 Piece::Owned(v) => iov.push(IoSlice::new(v)),
             }
         }
-        send(self.fd, self.unique, 0, &iov);
+        self.session.send(self.unique, 0, &iov);
     }
 }
 
 impl Drop for Reply<'_> {
     fn drop(&mut self) {
         if !self.answered {
-            send(self.fd, self.unique, -libc::EIO, &[]);
+            self.session.send(self.unique, -libc::EIO, &[]);
         }
     }
 }
 
-fn dispatch(fd: BorrowedFd<'_>, params: &SessionParams, fs: &dyn Filesystem, request: Request<'_>) {
+fn dispatch(session: &Session, fs: &dyn Filesystem, request: Request<'_>) {
     if !request.op.wants_reply() {
         return;
     }
+    let params = &session.params;
     let node = request.nodeid;
-    let reply = Reply { fd, unique: request.unique, answered: false };
+    let reply = Reply { session, unique: request.unique, answered: false };
     match request.op {
         Operation::Init(_) => reply.error(Errno::EPROTO),
         Operation::Destroy | Operation::Release | Operation::Releasedir | Operation::Sync => reply.ok(&[]),

@@ -20,6 +20,8 @@ pub struct MountArgs {
     pub prefetch_all: bool,
     pub readahead: u64,
     pub threads: Option<usize>,
+    /// How many -v were given.
+    pub log_level: u8,
 }
 
 /// `$XDG_CACHE_HOME/phoenixfs` when set, else /var/cache/phoenixfs.
@@ -52,7 +54,7 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
     let spec = MountSpec {
         image,
         store: store.root().to_path_buf(),
-        cache_dir: args.cache.unwrap_or_else(default_cache_dir),
+        cache_dir: std::path::absolute(args.cache.unwrap_or_else(default_cache_dir)).context("the cache directory")?,
         cache_limit: args.cache_size,
         memory_limit: 256 << 20,
         mountpoint: args.mountpoint,
@@ -61,6 +63,8 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
         prefetch,
         allow_other: true,
         progress: args.foreground && std::io::stderr().is_terminal(),
+        owner_uid: nix::unistd::getuid().as_raw(),
+        log_level: args.log_level,
     };
     phoenixfs_daemon::mount(MountConfig { spec, foreground: args.foreground })?;
     Ok(ExitCode::SUCCESS)
@@ -69,6 +73,23 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
 /// The hidden `worker` subcommand: started by a mount's holder, never by hand.
 pub fn worker() -> Result<ExitCode> {
     phoenixfs_daemon::run_worker()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The hidden `holder` subcommand: started by a worker whose holder died, never by hand.
+pub fn holder() -> Result<ExitCode> {
+    phoenixfs_daemon::run_adopting_holder()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn upgrade(mountpoint: &Path, binary: Option<PathBuf>) -> Result<ExitCode> {
+    let canonical = std::fs::canonicalize(mountpoint).with_context(|| format!("mountpoint {}", mountpoint.display()))?;
+    let binary = match binary {
+        Some(path) => std::fs::canonicalize(&path).with_context(|| format!("binary {}", path.display()))?,
+        None => std::env::current_exe().context("finding this binary")?,
+    };
+    let pid = phoenixfs_daemon::request_upgrade(&canonical, &binary).with_context(|| format!("upgrading {}", canonical.display()))?;
+    println!("{}: worker {pid} from {} serves now", canonical.display(), binary.display());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -81,11 +102,20 @@ pub fn umount(mountpoint: &Path) -> Result<ExitCode> {
         Unmounted::Clean => {
             if let Some(pid) = holder {
                 let deadline = Instant::now() + Duration::from_secs(10);
-                while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                while is_running(pid) && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether `pid` is a live process (a zombie has exited; only its parent has yet to notice).
+fn is_running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may itself hold ") ".
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
 }

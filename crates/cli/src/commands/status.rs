@@ -13,7 +13,12 @@ fn print(status: &Status) {
     println!("cache        {} hits, {} misses, {} corrupt entries discarded", status.cache_hits, status.cache_misses, status.corrupt_cache_entries_discarded);
     println!("served       {} requests, {} bytes, {} errors", status.requests, status.bytes_served, status.errors);
     println!("log          {}", status.log);
-    println!("daemon       holder pid {}, worker pid {} ({} restarts)", status.holder_pid, status.pid, status.worker_restarts);
+    println!("daemon       holder pid {}, worker pid {} ({} restarts, {} upgrades)", status.holder_pid, status.pid, status.worker_restarts, status.upgrades);
+    if !status.takeover_stalls_ms.is_empty() {
+        let stalls: Vec<String> = status.takeover_stalls_ms.iter().map(|ms| format!("{ms:.1}")).collect();
+        println!("takeovers    last stalls (ms, oldest first): {}", stalls.join(" "));
+    }
+    println!("resent       {} requests resent by the kernel to this worker", status.resent_requests);
     println!("fuse         7.{}{}", status.fuse_kernel_minor, if status.fuse_resend_supported { ", resend supported" } else { "" });
 }
 

@@ -1,0 +1,415 @@
+//! The holder: keeps the FUSE fd and the session state for the mount's whole life, and
+//! starts a worker whenever the serving one dies or is upgraded. It never reads a request
+//! after INIT and never touches the data path, so there is little in it that can fail.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::mount::{umount2, MntFlags};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use phoenixfs_fuse::Session;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::control;
+use crate::handover::{self, monotonic_ns, Message, State, Takeover};
+use crate::mount::{set_kernel_readahead, MountError, MountSpec};
+
+/// How long a starting worker may take to say it serves.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What `phoenixfs upgrade` asks of a holder, one JSON line on its control socket.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ControlRequest {
+    Upgrade { binary: PathBuf },
+}
+
+/// The holder's one-line JSON answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ControlReply {
+    Upgraded { pid: u32 },
+    Refused(String),
+}
+
+/// A worker this holder watches: started by it, or adopted after the previous holder died.
+struct Worker {
+    pid: u32,
+    channel: OwnedFd,
+    /// Present when this holder started the worker (and so must reap it).
+    child: Option<Child>,
+    started: Instant,
+    /// When the worker it replaced died, to measure the takeover stall.
+    predecessor_died_at_ns: Option<u64>,
+    unmounted: bool,
+    retired: bool,
+}
+
+impl Worker {
+    /// Reaps the worker if it is ours; how it ended, for the log.
+    fn reap(&mut self) -> String {
+        match self.child.as_mut().map(Child::wait) {
+            Some(Ok(status)) => status.to_string(),
+            Some(Err(e)) => format!("unknown ({e})"),
+            None => "unknown (not our child)".into(),
+        }
+    }
+}
+
+struct Holder {
+    fuse: OwnedFd,
+    state: State,
+    binary: PathBuf,
+    worker: Worker,
+    /// The worker an upgrade replaced, until it has finished its requests and exited.
+    retiring: Option<Worker>,
+    control: UnixListener,
+}
+
+/// The first holder of a mount (the `mount` command's daemon): answers INIT, starts the first
+/// worker, reports "ok" or why not on `ready`, then holds until unmounted. Failures before
+/// the first worker serves unmount.
+pub fn hold(spec: MountSpec, fd: OwnedFd, ready: Option<OwnedFd>) -> Result<(), MountError> {
+    let mountpoint = spec.mountpoint.clone();
+    let report = |ready: Option<OwnedFd>, message: &str| {
+        if let Some(ready) = ready {
+            let _ = nix::unistd::write(&ready, message.as_bytes());
+        }
+    };
+    let started = (|| {
+        let session = Session::init(fd)?;
+        let params = *session.params();
+        if !params.has_resend() && ready.is_none() {
+            warn!("{}", no_resend_warning());
+        }
+        set_kernel_readahead(&mountpoint);
+        let state = State { params, spec, restarts: 0, upgrades: 0, holder_pid: std::process::id(), takeover: Takeover::First, stalls_us: Vec::new() };
+        let binary = std::env::current_exe().map_err(|source| MountError::Io { what: "finding this binary".into(), source })?;
+        let control = bind_control(&mountpoint)?;
+        let worker = start_worker(&binary, &state, session.fd())?;
+        spawn_signal_thread(&mountpoint)?;
+        Ok::<_, MountError>(Holder { fuse: session.into_fd(), state, binary, worker, retiring: None, control })
+    })();
+    match started {
+        Ok(holder) => {
+            let warning = if holder.state.params.has_resend() { "" } else { no_resend_warning() };
+            report(ready, &format!("ok\n{warning}"));
+            holder.run()
+        }
+        Err(e) => {
+            let _ = umount2(&mountpoint, MntFlags::MNT_DETACH);
+            report(ready, &format!("{e}\n"));
+            Err(e)
+        }
+    }
+}
+
+/// What `mount` prints (and the holder logs) on kernels that cannot resend requests.
+pub fn no_resend_warning() -> &'static str {
+    "this kernel cannot resend FUSE requests (no FUSE_HAS_RESEND, Linux 6.9+): requests in flight when a worker dies may hang; upgrades still lose nothing"
+}
+
+/// A holder started by a worker whose holder died (the hidden `holder` subcommand): takes
+/// the fd and state from that worker (fd 3) and holds from then on.
+pub fn run_adopting_holder() -> Result<(), MountError> {
+    // SAFETY: the worker started this process with the hand-over socket as fd 3, and
+    // nothing else in this process owns fd 3.
+    let channel = unsafe { OwnedFd::from_raw_fd(3) };
+    set_cloexec(channel.as_fd());
+    let answer = |message: &Message| {
+        let _ = handover::send_message(channel.as_fd(), message);
+    };
+    let adopted = (|| {
+        let (mut state, fuse) = handover::receive(channel.as_fd())?;
+        let worker_pid = handover::check_peer(channel.as_fd(), state.spec.owner_uid)?;
+        control::redirect_stdio(&state.spec.mountpoint);
+        state.holder_pid = std::process::id();
+        let binary = std::env::current_exe().map_err(|source| MountError::Io { what: "finding this binary".into(), source })?;
+        let control = bind_control(&state.spec.mountpoint)?;
+        spawn_signal_thread(&state.spec.mountpoint)?;
+        Ok::<_, MountError>((state, fuse, binary, control, worker_pid))
+    })();
+    let (state, fuse, binary, control, worker_pid) = match adopted {
+        Ok(adopted) => adopted,
+        Err(e) => {
+            answer(&Message::Failed(e.to_string()));
+            return Err(e);
+        }
+    };
+    answer(&Message::Ready { pid: std::process::id() });
+    warn!(worker = worker_pid, "the previous holder died; this one holds the mount now");
+    let worker = Worker { pid: worker_pid, channel, child: None, started: Instant::now(), predecessor_died_at_ns: None, unmounted: false, retired: false };
+    Holder { fuse, state, binary, worker, retiring: None, control }.run()
+}
+
+impl Holder {
+    /// Watches the worker (and a retiring one) and the control socket until unmounted.
+    fn run(mut self) -> Result<(), MountError> {
+        let mut quick_failures = 0u32;
+        loop {
+            let (worker_event, retiring_event, control_event) = {
+                let mut fds = vec![PollFd::new(self.worker.channel.as_fd(), PollFlags::POLLIN), PollFd::new(self.control.as_fd(), PollFlags::POLLIN)];
+                if let Some(retiring) = &self.retiring {
+                    fds.push(PollFd::new(retiring.channel.as_fd(), PollFlags::POLLIN));
+                }
+                match poll(&mut fds, PollTimeout::NONE) {
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => return Err(MountError::Io { what: "waiting for the worker".into(), source: e.into() }),
+                }
+                let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+                (ready(&fds[0]), fds.get(2).is_some_and(ready), ready(&fds[1]))
+            };
+            if retiring_event {
+                self.on_retiring_event();
+            }
+            if control_event {
+                self.answer_control();
+            }
+            if !worker_event {
+                continue;
+            }
+            match handover::receive_message(self.worker.channel.as_fd()) {
+                Ok(Some(Message::FirstReply { at_ns })) => {
+                    if let Some(died_at) = self.worker.predecessor_died_at_ns {
+                        let stall_us = at_ns.saturating_sub(died_at) / 1000;
+                        self.state.record_stall(stall_us);
+                        info!(worker = self.worker.pid, stall_ms = stall_us as f64 / 1000.0, "takeover: first request answered after the previous worker died");
+                    }
+                }
+                Ok(Some(Message::Unmounted)) => self.worker.unmounted = true,
+                Ok(Some(other)) => warn!(message = ?other, "unexpected message from the worker"),
+                Ok(None) | Err(_) => {
+                    let died_at_ns = monotonic_ns();
+                    let how = self.worker.reap();
+                    if self.worker.unmounted || connection_ended(self.fuse.as_fd()) {
+                        info!(mountpoint = %self.state.spec.mountpoint.display(), "unmounted");
+                        return Ok(());
+                    }
+                    self.state.restarts += 1;
+                    warn!(pid = self.worker.pid, how, restarts = self.state.restarts, "worker died; starting another");
+                    if self.worker.started.elapsed() < Duration::from_secs(1) {
+                        quick_failures += 1;
+                        std::thread::sleep(Duration::from_millis(10 << quick_failures.min(8)));
+                    } else {
+                        quick_failures = 0;
+                    }
+                    self.worker = self.replace_dead_worker(died_at_ns);
+                }
+            }
+        }
+    }
+
+    /// Starts workers until one serves: the mount must outlive any number of failures.
+    fn replace_dead_worker(&mut self, died_at_ns: u64) -> Worker {
+        let mut attempt = 0u32;
+        loop {
+            self.state.takeover = Takeover::AfterDeath { died_at_ns };
+            match start_worker(&self.binary, &self.state, self.fuse.as_fd()) {
+                Ok(worker) => return worker,
+                Err(e) => {
+                    attempt += 1;
+                    warn!(error = %e, attempt, "cannot start a worker; retrying");
+                    std::thread::sleep(Duration::from_millis(50 << attempt.min(6)));
+                }
+            }
+        }
+    }
+
+    fn on_retiring_event(&mut self) {
+        let Some(retiring) = self.retiring.as_mut() else { return };
+        match handover::receive_message(retiring.channel.as_fd()) {
+            Ok(Some(Message::Retired)) => retiring.retired = true,
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => {
+                retiring.reap();
+                if !retiring.retired {
+                    // It died holding requests the kernel still waits for.
+                    warn!(pid = retiring.pid, "the upgraded-from worker died before it finished; asking for a resend");
+                    if let Err(error) = handover::send_message(self.worker.channel.as_fd(), &Message::Resend) {
+                        warn!(%error, "cannot ask the worker to resend");
+                    }
+                }
+                self.retiring = None;
+            }
+        }
+    }
+
+    fn answer_control(&mut self) {
+        let Ok((stream, _)) = self.control.accept() else { return };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let reply = match handover::check_peer(stream.as_fd(), self.state.spec.owner_uid) {
+            Err(e) => ControlReply::Refused(e.to_string()),
+            Ok(_) => {
+                let mut line = String::new();
+                let _ = BufReader::new(&stream).read_line(&mut line);
+                match serde_json::from_str(&line) {
+                    Ok(ControlRequest::Upgrade { binary }) => match self.upgrade(binary) {
+                        Ok(pid) => ControlReply::Upgraded { pid },
+                        Err(why) => ControlReply::Refused(why),
+                    },
+                    Err(e) => ControlReply::Refused(format!("bad request: {e}")),
+                }
+            }
+        };
+        let mut body = serde_json::to_vec(&reply).expect("reply serialises");
+        body.push(b'\n');
+        let _ = (&stream).write_all(&body);
+    }
+
+    /// Hot upgrade: a worker from `binary` starts serving next to the current one, which is
+    /// then told to stop reading and finish what it holds. Nothing is resent, nothing
+    /// answered twice. If the new worker does not start, the current one serves on.
+    fn upgrade(&mut self, binary: PathBuf) -> Result<u32, String> {
+        if self.retiring.is_some() {
+            return Err("the previous upgrade is still finishing; try again".into());
+        }
+        let mut state = self.state.clone();
+        state.takeover = Takeover::Upgrade;
+        state.upgrades += 1;
+        let new = start_worker(&binary, &state, self.fuse.as_fd()).map_err(|e| format!("the new worker did not start, the old one serves on: {e}"))?;
+        let pid = new.pid;
+        let old = std::mem::replace(&mut self.worker, new);
+        // If the old worker is already dead, the send fails; its death is seen as a retiring
+        // worker's (resend), not as the serving worker's (restart).
+        let _ = handover::send_message(old.channel.as_fd(), &Message::Retire);
+        self.retiring = Some(old);
+        self.state = state;
+        info!(pid, binary = %binary.display(), upgrades = self.state.upgrades, "upgraded");
+        self.binary = binary;
+        Ok(pid)
+    }
+}
+
+/// Starts `binary worker` with a hand-over socket as its fd 3, hands it the state and the
+/// FUSE fd, and waits until it serves. On failure nothing is left running.
+fn start_worker(binary: &Path, state: &State, fuse: BorrowedFd<'_>) -> Result<Worker, MountError> {
+    let (ours, mut child) = spawn_with_channel(binary, "worker", state.spec.log_level, false)?;
+    let pid = child.id();
+    let result = handover::send(ours.as_fd(), state, fuse)
+        .map_err(MountError::from)
+        .and_then(|()| await_ready(ours.as_fd(), "worker"));
+    if let Err(e) = result {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
+    let predecessor_died_at_ns = match state.takeover {
+        Takeover::AfterDeath { died_at_ns } => Some(died_at_ns),
+        Takeover::First | Takeover::Upgrade => None,
+    };
+    Ok(Worker { pid, channel: ours, child: Some(child), started: Instant::now(), predecessor_died_at_ns, unmounted: false, retired: false })
+}
+
+/// Starts `binary [-v..] subcommand` with one end of a new SEQPACKET socket pair as its
+/// fd 3; returns our end. `detach` puts it in a session of its own (a holder must outlive
+/// the worker that starts it); otherwise it gets a process group of its own.
+pub(crate) fn spawn_with_channel(binary: &Path, subcommand: &str, log_level: u8, detach: bool) -> Result<(OwnedFd, Child), MountError> {
+    let io = |what: String| move |source: io::Error| MountError::Io { what, source };
+    let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+        .map_err(|e| io("creating the hand-over socket".into())(e.into()))?;
+    let theirs_raw = theirs.as_raw_fd();
+    let mut command = Command::new(binary);
+    if log_level > 0 {
+        command.arg(format!("-{}", "v".repeat(log_level as usize)));
+    }
+    command.arg(subcommand).stdin(Stdio::null()).stdout(Stdio::null());
+    if !detach {
+        command.process_group(0);
+    }
+    // SAFETY: dup2 and setsid are async-signal-safe. fd 3 in the child becomes the hand-over
+    // socket (dup2 clears close-on-exec on the copy).
+    unsafe {
+        command.pre_exec(move || {
+            if detach && libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::dup2(theirs_raw, 3) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().map_err(io(format!("starting {} {subcommand}", binary.display())))?;
+    Ok((ours, child))
+}
+
+/// Waits for a started process's first message: `Ready`, or why it failed.
+pub(crate) fn await_ready(channel: BorrowedFd<'_>, what: &str) -> Result<(), MountError> {
+    let mut fds = [PollFd::new(channel, PollFlags::POLLIN)];
+    let timeout = PollTimeout::try_from(START_TIMEOUT.as_millis() as i32).unwrap_or(PollTimeout::NONE);
+    if !matches!(poll(&mut fds, timeout), Ok(n) if n > 0) {
+        return Err(MountError::Daemon(format!("the {what} did not start within {} s", START_TIMEOUT.as_secs())));
+    }
+    match handover::receive_message(channel) {
+        Ok(Some(Message::Ready { .. })) => Ok(()),
+        Ok(Some(Message::Failed(why))) => Err(MountError::Daemon(why)),
+        Ok(Some(other)) => Err(MountError::Daemon(format!("the {what} said {other:?} instead of starting"))),
+        Ok(None) => Err(MountError::Daemon(format!("the {what} exited during start-up"))),
+        Err(e) => Err(MountError::Daemon(format!("the {what} answered with an {e}"))),
+    }
+}
+
+pub(crate) fn set_cloexec(fd: BorrowedFd<'_>) {
+    let _ = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+}
+
+/// Whether the kernel has ended the connection (unmounted, or aborted): /dev/fuse then
+/// polls as an error.
+fn connection_ended(fuse: BorrowedFd<'_>) -> bool {
+    let mut fds = [PollFd::new(fuse, PollFlags::empty())];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0) && fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLERR))
+}
+
+/// The holder's control socket (for `upgrade`), accepting root and the mount's owner.
+fn bind_control(mountpoint: &Path) -> Result<UnixListener, MountError> {
+    let path = control::holder_socket_path(mountpoint);
+    control::make_run_dir().map_err(|source| MountError::Io { what: format!("creating {}", control::RUN_DIR), source })?;
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).map_err(|source| MountError::Io { what: format!("binding {}", path.display()), source })?;
+    set_cloexec(listener.as_fd());
+    Ok(listener)
+}
+
+/// Asks the holder of `mountpoint` to upgrade its worker to `binary`; the new worker's pid.
+pub fn request_upgrade(mountpoint: &Path, binary: &Path) -> Result<u32, MountError> {
+    let path = control::holder_socket_path(mountpoint);
+    let io = |what: &str| {
+        let what = format!("{what} {}", path.display());
+        move |source: io::Error| MountError::Io { what, source }
+    };
+    let mut stream = UnixStream::connect(&path).map_err(io("connecting to the mount's holder at"))?;
+    stream.set_read_timeout(Some(START_TIMEOUT + Duration::from_secs(10))).map_err(io("configuring"))?;
+    let mut request = serde_json::to_vec(&ControlRequest::Upgrade { binary: binary.to_path_buf() }).expect("request serialises");
+    request.push(b'\n');
+    stream.write_all(&request).map_err(io("writing to"))?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).map_err(io("reading from"))?;
+    match serde_json::from_str(&line) {
+        Ok(ControlReply::Upgraded { pid }) => Ok(pid),
+        Ok(ControlReply::Refused(why)) => Err(MountError::Daemon(why)),
+        Err(_) => Err(MountError::Daemon("the holder gave no answer (did it die? the mount recovers; try again)".into())),
+    }
+}
+
+/// Termination signals unmount; the worker then sees the connection end and exits cleanly.
+fn spawn_signal_thread(mountpoint: &Path) -> Result<(), MountError> {
+    let signals = SigSet::from_iter([Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP]);
+    let _ = signals.thread_block();
+    let mountpoint = mountpoint.to_path_buf();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(signal) = signals.wait() {
+                info!(%signal, "unmounting");
+                let _ = umount2(&mountpoint, MntFlags::MNT_DETACH);
+            }
+        })
+        .map(drop)
+        .map_err(|source| MountError::Io { what: "spawning the signal thread".into(), source })
+}

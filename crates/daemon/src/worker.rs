@@ -1,0 +1,296 @@
+//! The worker: takes over the connection from a holder, asks the kernel to resend what a dead
+//! predecessor left unanswered, and serves until unmounted or retired by an upgrade. When its
+//! holder dies it starts a new one and hands it the fd and state.
+
+use std::collections::BTreeSet;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::process::Child;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use phoenixfs_cache::ChunkCache;
+use phoenixfs_format::{ExtentTarget, InodeKind};
+use phoenixfs_fuse::{Ended, Session};
+use phoenixfs_store::{load_image, LocalStore};
+use tracing::{info, warn};
+
+use crate::control::{self, Status};
+use crate::fs::ImageFs;
+use crate::handover::{self, monotonic_ns, Message, State, Takeover};
+use crate::holder::{await_ready, set_cloexec, spawn_with_channel};
+use crate::mount::{MountError, Prefetch};
+
+/// The worker's side of its link to the holder; replaced when the holder dies.
+struct HolderLink {
+    channel: Mutex<Arc<OwnedFd>>,
+    holder_pid: AtomicU32,
+    /// The state to hand a new holder: this worker's, plus its own takeover stall.
+    state: Mutex<State>,
+    /// Set once the worker is retiring or the mount is gone: no new holder then.
+    leaving: AtomicBool,
+}
+
+impl HolderLink {
+    fn channel(&self) -> Arc<OwnedFd> {
+        self.channel.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn tell(&self, message: &Message) {
+        if let Err(error) = handover::send_message(self.channel().as_fd(), message) {
+            warn!(?message, %error, "cannot tell the holder");
+        }
+    }
+}
+
+/// The hidden `worker` subcommand. Refuses state it cannot read.
+pub fn run_worker() -> Result<(), MountError> {
+    // SAFETY: the holder started this process with the hand-over socket as fd 3, and nothing
+    // else in this process owns fd 3.
+    let channel = unsafe { OwnedFd::from_raw_fd(3) };
+    set_cloexec(channel.as_fd());
+    let started = handover::receive(channel.as_fd()).map_err(MountError::from).and_then(|(state, fuse)| {
+        handover::check_peer(channel.as_fd(), state.spec.owner_uid)?;
+        let session = Arc::new(Session::resume(fuse, state.params));
+        let fs = start_serving(&state, &session)?;
+        Ok((state, session, fs))
+    });
+    let (state, session, fs) = match started {
+        Ok(started) => started,
+        Err(e) => {
+            let _ = handover::send_message(channel.as_fd(), &Message::Failed(e.to_string()));
+            return Err(e);
+        }
+    };
+    let threads = state.spec.threads;
+    let link = Arc::new(HolderLink {
+        channel: Mutex::new(Arc::new(channel)),
+        holder_pid: AtomicU32::new(state.holder_pid),
+        state: Mutex::new(state),
+        leaving: AtomicBool::new(false),
+    });
+    watch_first_reply(&session, &link);
+    serve_status(&session, &fs, &link)?;
+    link.tell(&Message::Ready { pid: std::process::id() });
+    {
+        let (session, link) = (session.clone(), link.clone());
+        std::thread::Builder::new()
+            .name("holder-link".into())
+            .spawn(move || follow_holder(&session, &link))
+            .map_err(|source| MountError::Io { what: "spawning the holder-link thread".into(), source })?;
+    }
+    let ended = session.serve(fs, threads)?;
+    link.leaving.store(true, Ordering::SeqCst);
+    match ended {
+        Ended::Unmounted => link.tell(&Message::Unmounted),
+        Ended::Stopped => {
+            info!(resent = session.resent_requests(), "retired: a newer worker serves the mount");
+            link.tell(&Message::Retired);
+        }
+    }
+    Ok(())
+}
+
+/// Loads the image, store and cache the state names, and resends a dead predecessor's
+/// requests; everything before the first read.
+fn start_serving(state: &State, session: &Session) -> Result<Arc<ImageFs>, MountError> {
+    let spec = &state.spec;
+    let store = LocalStore::open(&spec.store).map_err(|e| MountError::Daemon(e.to_string()))?;
+    let image = load_image(&spec.image, Some(&store)).map_err(|e| MountError::Daemon(e.to_string()))?;
+    let cache = Arc::new(ChunkCache::open(&spec.cache_dir, spec.cache_limit, spec.memory_limit)?);
+    // Resending is harmless for the first worker (nothing was read) and wrong for an upgrade
+    // (the old worker still answers what it read).
+    if state.params.has_resend() && state.takeover != Takeover::Upgrade {
+        session.notify_resend()?;
+    }
+    let image_id = image.id;
+    let fs = ImageFs::new(Arc::new(image), Arc::new(store), cache, spec.readahead);
+    if state.takeover == Takeover::First && spec.prefetch != Prefetch::Nothing {
+        let (fs, prefetch, progress) = (fs.clone(), spec.prefetch.clone(), spec.progress);
+        std::thread::Builder::new()
+            .name("prefetch".into())
+            .spawn(move || prefetch_chunks(&fs, &prefetch, progress))
+            .map_err(|source| MountError::Io { what: "spawning the prefetch thread".into(), source })?;
+    }
+    info!(mountpoint = %spec.mountpoint.display(), image = %image_id, takeover = ?state.takeover, "worker serving");
+    Ok(fs)
+}
+
+/// After a predecessor's death, the stall ends with this worker's first reply: recorded in
+/// the state (for status and a future holder) and told to the holder (for its log).
+fn watch_first_reply(session: &Session, link: &Arc<HolderLink>) {
+    let link = link.clone();
+    session.on_first_reply(move || {
+        let at_ns = monotonic_ns();
+        {
+            let mut state = link.state.lock().unwrap_or_else(|p| p.into_inner());
+            if let Takeover::AfterDeath { died_at_ns } = state.takeover {
+                let stall_us = at_ns.saturating_sub(died_at_ns) / 1000;
+                state.record_stall(stall_us);
+                info!(stall_ms = stall_us as f64 / 1000.0, "first request answered after the takeover");
+            }
+        }
+        link.tell(&Message::FirstReply { at_ns });
+    });
+}
+
+/// Follows the holder's messages; when the holder dies, starts a new one.
+fn follow_holder(session: &Session, link: &HolderLink) {
+    let mut our_holder: Option<Child> = None;
+    loop {
+        let channel = link.channel();
+        match handover::receive_message(channel.as_fd()) {
+            Ok(Some(Message::Retire)) => {
+                link.leaving.store(true, Ordering::SeqCst);
+                return session.stop();
+            }
+            Ok(Some(Message::Resend)) => {
+                if let Err(error) = session.notify_resend() {
+                    warn!(%error, "cannot ask the kernel to resend");
+                }
+            }
+            Ok(Some(other)) => warn!(message = ?other, "unexpected message from the holder"),
+            Ok(None) | Err(_) => {
+                if let Some(mut child) = our_holder.take() {
+                    let _ = child.wait();
+                }
+                if link.leaving.load(Ordering::SeqCst) {
+                    return;
+                }
+                warn!(pid = link.holder_pid.load(Ordering::Relaxed), "the holder died; starting another");
+                our_holder = Some(replace_holder(session, link));
+            }
+        }
+    }
+}
+
+/// Starts holders until one has taken the fd and state.
+fn replace_holder(session: &Session, link: &HolderLink) -> Child {
+    let mut attempt = 0u32;
+    loop {
+        match start_holder(session, link) {
+            Ok(child) => return child,
+            Err(e) => {
+                attempt += 1;
+                warn!(error = %e, attempt, "cannot start a holder; retrying");
+                std::thread::sleep(Duration::from_millis(20 << attempt.min(6)));
+            }
+        }
+    }
+}
+
+fn start_holder(session: &Session, link: &HolderLink) -> Result<Child, MountError> {
+    let binary = std::env::current_exe().map_err(|source| MountError::Io { what: "finding this binary".into(), source })?;
+    let state = link.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let (channel, mut child) = spawn_with_channel(&binary, "holder", state.spec.log_level, true)?;
+    let handed = handover::send(channel.as_fd(), &state, session.fd())
+        .map_err(MountError::from)
+        .and_then(|()| await_ready(channel.as_fd(), "holder"));
+    if let Err(e) = handed {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
+    link.holder_pid.store(child.id(), Ordering::Relaxed);
+    *link.channel.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(channel);
+    info!(pid = child.id(), "a new holder holds the mount");
+    Ok(child)
+}
+
+fn serve_status(session: &Arc<Session>, fs: &Arc<ImageFs>, link: &Arc<HolderLink>) -> Result<(), MountError> {
+    let (session, fs, link) = (session.clone(), fs.clone(), link.clone());
+    let (spec, log) = {
+        let state = link.state.lock().unwrap_or_else(|p| p.into_inner());
+        let log = if nix::unistd::isatty(2).unwrap_or(false) { "stderr".to_string() } else { control::log_path(&state.spec.mountpoint).display().to_string() };
+        (state.spec.clone(), log)
+    };
+    let store_location = fs.store.location();
+    let mountpoint = spec.mountpoint.clone();
+    control::serve(&mountpoint, move || {
+        let state = link.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let cache = &fs.cache;
+        let (cache_chunks, cache_bytes) = cache.disk_usage();
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        Status {
+            pid: std::process::id(),
+            holder_pid: link.holder_pid.load(Ordering::Relaxed),
+            worker_restarts: state.restarts,
+            upgrades: state.upgrades,
+            takeover_stalls_ms: state.stalls_us.iter().map(|&us| us as f64 / 1000.0).collect(),
+            resent_requests: session.resent_requests(),
+            mountpoint: spec.mountpoint.display().to_string(),
+            image: spec.image.clone(),
+            image_id: fs.image.id.to_string(),
+            store: store_location.clone(),
+            cache_dir: cache.dir().display().to_string(),
+            cache_chunks,
+            cache_bytes,
+            cache_limit: spec.cache_limit,
+            chunks_fetched: load(&cache.stats.fetches),
+            fetched_bytes: load(&cache.stats.fetched_bytes),
+            cache_hits: load(&cache.stats.memory_hits) + load(&cache.stats.disk_hits),
+            cache_misses: load(&cache.stats.fetches),
+            corrupt_cache_entries_discarded: load(&cache.stats.corrupt_discarded),
+            bytes_served: load(&fs.stats.bytes_served),
+            requests: load(&fs.stats.requests),
+            errors: load(&fs.stats.errors),
+            log: log.clone(),
+            fuse_kernel_minor: state.params.kernel_minor,
+            fuse_resend_supported: state.params.has_resend(),
+        }
+    })
+    .map(drop)
+    .map_err(|source| MountError::Io { what: "creating the status socket".into(), source })
+}
+
+/// Warms the cache with the chunks of the listed files (or of every file), one at a time at
+/// the lowest CPU priority, after the mount is serving.
+fn prefetch_chunks(fs: &ImageFs, prefetch: &Prefetch, progress: bool) {
+    // SAFETY: setpriority with who = 0 changes only the calling thread on Linux.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+    let bootstrap = &fs.image.bootstrap;
+    let inodes = match prefetch {
+        Prefetch::Nothing => return,
+        Prefetch::All => match bootstrap.walk() {
+            Ok(all) => all.into_iter().map(|(_, inode)| inode).collect(),
+            Err(error) => return warn!(%error, "cannot list the image for prefetch"),
+        },
+        Prefetch::Paths(paths) => paths
+            .iter()
+            .filter_map(|path| match bootstrap.resolve(path.as_bytes()) {
+                Ok(Some(inode)) => Some(inode),
+                _ => {
+                    warn!(path, "prefetch: no such file in the image");
+                    None
+                }
+            })
+            .collect::<Vec<_>>(),
+    };
+    let mut chunks = BTreeSet::new();
+    let mut ordered = Vec::new();
+    for inode in inodes.iter().filter(|i| i.kind == InodeKind::File) {
+        for extent in bootstrap.extents(inode, 0, inode.size()).unwrap_or_default() {
+            if let ExtentTarget::Blob { offset } = extent.target {
+                let index = (offset >> fs.image.table.chunk_bits) as usize;
+                if chunks.insert(index) {
+                    ordered.push(index);
+                }
+            }
+        }
+    }
+    let total = ordered.len();
+    for (done, index) in ordered.into_iter().enumerate() {
+        if let Some(entry) = fs.image.table.entries.get(index) {
+            if let Err(error) = fs.cache.get(entry, fs.store.as_ref()) {
+                warn!(chunk = index, %error, "prefetch fetch failed");
+            }
+        }
+        if progress {
+            eprint!("\rprefetch: {}/{total} chunks", done + 1);
+        }
+    }
+    if progress {
+        eprintln!();
+    }
+    info!(chunks = total, "prefetch done");
+}
