@@ -4,6 +4,7 @@
 //!
 //! Tests need root (mknod, chown, losetup, mount) and erofs-utils; `scripts/test` provides both.
 
+pub mod chaos;
 pub mod kernel;
 pub mod mount;
 pub mod snapshot;
@@ -20,14 +21,30 @@ pub fn phoenixfs_bin() -> PathBuf {
     bin
 }
 
+/// Whether `pid` is a live process (a zombie has exited; only its parent has yet to notice).
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may itself hold ") ".
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
 pub fn phoenixfs() -> Command {
     Command::new(phoenixfs_bin())
 }
 
-/// `target/<profile>`, found from the test executable in `target/<profile>/deps/`.
+/// `target/<profile>`, found from the running executable: a test in `target/<profile>/deps/`
+/// or a binary in `target/<profile>/`.
 fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf()
+    let exe = std::env::current_exe().expect("executable path");
+    let dir = exe.parent().expect("target/<profile>/...");
+    if dir.ends_with("deps") { dir.parent().expect("target/<profile>") } else { dir }.to_path_buf()
+}
+
+/// Where test fixtures live: under the target directory, so nothing piles up in /tmp.
+pub fn fixtures_root() -> PathBuf {
+    profile_dir().join("../test-fixtures")
 }
 
 /// Runs `cmd`, panics with its stderr unless it succeeds, returns its stdout.
@@ -75,7 +92,7 @@ pub fn fsck_erofs(image: &Path, blob: Option<&Path>) -> Output {
 /// A fresh, empty directory under the target directory, named for a fixture; kept after the
 /// run for inspection and replaced by the next one (so nothing piles up in /tmp).
 pub fn fixture_dir(name: &str) -> PathBuf {
-    let dir = profile_dir().join("../test-fixtures").join(name);
+    let dir = fixtures_root().join(name);
     if dir.exists() {
         std::fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("clearing {}: {e}", dir.display()));
     }

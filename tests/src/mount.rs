@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::{phoenixfs, run_ok};
+use crate::{phoenixfs, process_alive, run_ok};
 
 pub struct PhoenixMount {
     dir: tempfile::TempDir,
@@ -48,20 +48,25 @@ impl PhoenixMount {
 
     /// Whether the holder still runs (it exits after its last worker, once unmounted).
     pub fn daemon_alive(&self) -> bool {
-        Path::new(&format!("/proc/{}", self.holder_pid)).exists()
+        process_alive(self.holder_pid)
     }
 
     /// Waits up to `timeout` for the holder to exit; true if it did.
     pub fn wait_for_daemon_exit(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while self.daemon_alive() {
-            if Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        true
+        wait_for_exit(self.holder_pid, timeout)
     }
+}
+
+/// Waits up to `timeout` for `pid` to exit; true if it did.
+fn wait_for_exit(pid: u32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while process_alive(pid) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
 }
 
 /// Whether anything is mounted at `path`, per /proc/self/mounts.
@@ -73,22 +78,24 @@ pub fn is_mounted(path: &Path) -> bool {
 
 impl Drop for PhoenixMount {
     fn drop(&mut self) {
-        let worker = phoenixfs()
+        // Tests may have replaced the holder and the worker: ask who they are now.
+        let status = phoenixfs()
             .arg("status")
             .arg(self.path())
             .arg("--json")
             .output()
             .ok()
-            .and_then(|out| serde_json::from_slice::<serde_json::Value>(&out.stdout).ok())
-            .and_then(|all| all[0]["pid"].as_u64());
+            .and_then(|out| serde_json::from_slice::<serde_json::Value>(&out.stdout).ok());
+        let pid = |field: &str| status.as_ref().and_then(|all| all[0][field].as_u64()).map(|pid| pid as u32);
+        let (holder, worker) = (pid("holder_pid").unwrap_or(self.holder_pid), pid("pid"));
         if is_mounted(self.path()) {
             let ok = phoenixfs().arg("umount").arg(self.path()).status().is_ok_and(|s| s.success());
             if !ok {
                 let _ = Command::new("umount").arg("--lazy").arg(self.path()).status();
             }
         }
-        if !self.wait_for_daemon_exit(Duration::from_secs(10)) {
-            for pid in [Some(u64::from(self.holder_pid)), worker].into_iter().flatten() {
+        if !wait_for_exit(holder, Duration::from_secs(10)) {
+            for pid in [Some(holder), worker].into_iter().flatten() {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
             }
         }

@@ -215,20 +215,22 @@ pub fn assert_same(expected: &Snapshot, actual: &Snapshot, what: &str) {
 }
 
 /// sha256 of a file read through a shared, read-only memory map (an empty file hashes as "").
-pub fn sha256_via_mmap(path: &Path) -> String {
+pub fn sha256_via_mmap(path: &Path) -> std::io::Result<String> {
     use std::os::fd::AsRawFd;
-    let file = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    let len = file.metadata().expect("fstat").len() as usize;
+    let file = File::open(path)?;
+    let len = file.metadata()?.len() as usize;
     if len == 0 {
-        return hex::encode(Sha256::digest(b""));
+        return Ok(hex::encode(Sha256::digest(b"")));
     }
-    // SAFETY: a fresh private mapping of a file we keep open; unmapped before returning, and
+    // SAFETY: a fresh shared mapping of a file we keep open; unmapped before returning, and
     // the file system is read-only, so the bytes cannot change underneath.
     unsafe {
         let addr = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0);
-        assert_ne!(addr, libc::MAP_FAILED, "mmap {}", path.display());
+        if addr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
         let digest = hex::encode(Sha256::digest(std::slice::from_raw_parts(addr as *const u8, len)));
         libc::munmap(addr, len);
-        digest
+        Ok(digest)
     }
 }

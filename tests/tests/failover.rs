@@ -1,21 +1,17 @@
-//! Killing the worker: readers see a stall, never an error or a wrong byte.
+//! Takeover details: a request the killed worker held is resent and answered; corrupt state
+//! is refused; a failed upgrade rolls back. Readers under kills: tests/chaos.rs.
 
-use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{IoSlice, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{sendmsg, socketpair, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr};
 use nix::unistd::Pid;
 use phoenixfs_tests::mount::PhoenixMount;
-use phoenixfs_tests::snapshot::sha256_via_mmap;
 use phoenixfs_tests::trees::noise;
 use phoenixfs_tests::{build_image, fixture_dir, phoenixfs_bin};
 use sha2::{Digest, Sha256};
@@ -35,105 +31,6 @@ fn next_worker(mount: &PhoenixMount, old: u32) -> (u32, Instant) {
         assert!(Instant::now() < deadline, "no new worker after killing {old}");
         std::thread::sleep(Duration::from_millis(5));
     }
-}
-
-#[test]
-fn readers_never_notice_the_worker_being_killed() {
-    const KILLS: usize = 30;
-    let root = fixture_dir("failover-worker");
-    let src = root.join("src");
-    fs::create_dir_all(src.join("small")).unwrap();
-    for i in 0..6u64 {
-        fs::write(src.join(format!("big{i}")), noise(i, (5 << 20) + 333)).unwrap();
-    }
-    for i in 0..300u64 {
-        fs::write(src.join(format!("small/f{i}")), noise(1000 + i, 500 + (i as usize * 97) % 20_000)).unwrap();
-    }
-    let expected: BTreeMap<PathBuf, String> = walk(&src)
-        .into_iter()
-        .map(|p| (p.strip_prefix(&src).unwrap().to_path_buf(), hex::encode(Sha256::digest(fs::read(&p).unwrap()))))
-        .collect();
-    let store = root.join("store");
-    let (image, _) = build_image(&src, &store, &root, &["--chunk-size", "64K"]);
-    let mount = PhoenixMount::new(&image, &store, &root.join("cache"), &[]);
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let errors = Arc::new(AtomicU64::new(0));
-    let verified = Arc::new(AtomicU64::new(0));
-    let mut readers = Vec::new();
-    for reader in 0..5 {
-        let (stop, errors, verified, expected, mnt) = (stop.clone(), errors.clone(), verified.clone(), expected.clone(), mount.path_buf());
-        readers.push(std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                for (rel, want) in expected.iter().skip(reader * 37 % expected.len()) {
-                    let path = mnt.join(rel);
-                    let got = match reader {
-                        // One reader maps the files, one only stats, the others read.
-                        3 => Ok(sha256_via_mmap(&path)),
-                        4 => fs::symlink_metadata(&path).map(|_| want.clone()),
-                        _ => fs::read(&path).map(|d| hex::encode(Sha256::digest(&d))),
-                    };
-                    match got {
-                        Ok(sum) if sum == *want => {
-                            if reader != 4 {
-                                verified.fetch_add(fs::metadata(&path).map(|m| m.len()).unwrap_or(0), Ordering::Relaxed);
-                            }
-                        }
-                        Ok(_) => {
-                            eprintln!("wrong bytes in {}", rel.display());
-                            errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            eprintln!("error reading {}: {e}", rel.display());
-                            errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                }
-            }
-        }));
-    }
-
-    let mut worker = mount.worker_pid();
-    let mut worst = Duration::ZERO;
-    let mut rng = 0x9e37_79b9u64;
-    for _ in 0..KILLS {
-        rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-        std::thread::sleep(Duration::from_millis(10 + (rng >> 33) % 490));
-        let killed = Instant::now();
-        kill(Pid::from_raw(worker as i32), Signal::SIGKILL).unwrap();
-        let (next, answered) = next_worker(&mount, worker);
-        worst = worst.max(answered - killed);
-        worker = next;
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    for reader in readers {
-        reader.join().unwrap();
-    }
-    let status = mount.status();
-    eprintln!(
-        "kills: {KILLS}, bytes verified: {}, worst stall (kill to a new worker answering status): {worst:?}",
-        verified.load(Ordering::Relaxed)
-    );
-    assert_eq!(errors.load(Ordering::Relaxed), 0, "readers saw errors or wrong bytes");
-    assert_eq!(status["worker_restarts"], KILLS as u64);
-    assert!(verified.load(Ordering::Relaxed) > 0);
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(walk(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
 }
 
 /// A READ the dead worker had taken but not answered is resent to, and answered by, the next
@@ -188,7 +85,7 @@ fn a_worker_refuses_corrupt_state() {
     let mut child = command.spawn().unwrap();
     drop(theirs);
     let devnull = File::open("/dev/null").unwrap();
-    let garbage = b"PHXSTATE\x01\x00\x00\x00\x05\x00\x00\x00{}{}}not-a-checksum-not-a-checksum-xx";
+    let garbage = b"PHXSTATE\x02\x00\x00\x00\x05\x00\x00\x00{}{}}not-a-checksum-not-a-checksum-xx";
     sendmsg::<UnixAddr>(ours.as_raw_fd(), &[IoSlice::new(garbage)], &[ControlMessage::ScmRights(&[devnull.as_raw_fd()])], MsgFlags::empty(), None).unwrap();
     let status = child.wait().unwrap();
     let mut stderr = String::new();

@@ -28,6 +28,8 @@ pub struct Status {
     /// The latest takeovers after a worker died: from its death to the first answered
     /// request, oldest first.
     pub takeover_stalls_ms: Vec<f64>,
+    /// Takeovers whose stall was measured, in all (the list above keeps the latest).
+    pub takeovers_measured: u64,
     /// Requests this worker read that the kernel had resent (a dead worker's).
     pub resent_requests: u64,
     pub mountpoint: String,

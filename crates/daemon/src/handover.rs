@@ -37,10 +37,13 @@ pub struct State {
     pub takeover: Takeover,
     /// Stalls of the latest takeovers after a worker died, in microseconds, oldest first.
     pub stalls_us: Vec<u64>,
+    /// Takeovers whose stall was measured, in all.
+    pub takeovers_measured: u64,
 }
 
 impl State {
     pub fn record_stall(&mut self, stall_us: u64) {
+        self.takeovers_measured += 1;
         self.stalls_us.push(stall_us);
         let excess = self.stalls_us.len().saturating_sub(STALLS_KEPT);
         self.stalls_us.drain(..excess);
@@ -204,6 +207,7 @@ mod tests {
             holder_pid: 42,
             takeover: Takeover::AfterDeath { died_at_ns: 7 },
             stalls_us: vec![1500, 900],
+            takeovers_measured: 2,
         }
     }
 

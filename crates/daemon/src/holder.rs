@@ -44,7 +44,8 @@ struct Worker {
     channel: OwnedFd,
     /// Present when this holder started the worker (and so must reap it).
     child: Option<Child>,
-    started: Instant,
+    /// It has answered a request.
+    answered: bool,
     /// When the worker it replaced died, to measure the takeover stall.
     predecessor_died_at_ns: Option<u64>,
     unmounted: bool,
@@ -89,7 +90,7 @@ pub fn hold(spec: MountSpec, fd: OwnedFd, ready: Option<OwnedFd>) -> Result<(), 
             warn!("{}", no_resend_warning());
         }
         set_kernel_readahead(&mountpoint);
-        let state = State { params, spec, restarts: 0, upgrades: 0, holder_pid: std::process::id(), takeover: Takeover::First, stalls_us: Vec::new() };
+        let state = State { params, spec, restarts: 0, upgrades: 0, holder_pid: std::process::id(), takeover: Takeover::First, stalls_us: Vec::new(), takeovers_measured: 0 };
         let binary = std::env::current_exe().map_err(|source| MountError::Io { what: "finding this binary".into(), source })?;
         let control = bind_control(&mountpoint)?;
         let worker = start_worker(&binary, &state, session.fd())?;
@@ -144,14 +145,14 @@ pub fn run_adopting_holder() -> Result<(), MountError> {
     };
     answer(&Message::Ready { pid: std::process::id() });
     warn!(worker = worker_pid, "the previous holder died; this one holds the mount now");
-    let worker = Worker { pid: worker_pid, channel, child: None, started: Instant::now(), predecessor_died_at_ns: None, unmounted: false, retired: false };
+    let worker = Worker { pid: worker_pid, channel, child: None, answered: true, predecessor_died_at_ns: None, unmounted: false, retired: false };
     Holder { fuse, state, binary, worker, retiring: None, control }.run()
 }
 
 impl Holder {
     /// Watches the worker (and a retiring one) and the control socket until unmounted.
     fn run(mut self) -> Result<(), MountError> {
-        let mut quick_failures = 0u32;
+        let mut failed_starts = 0u32;
         loop {
             let (worker_event, retiring_event, control_event) = {
                 let mut fds = vec![PollFd::new(self.worker.channel.as_fd(), PollFlags::POLLIN), PollFd::new(self.control.as_fd(), PollFlags::POLLIN)];
@@ -176,6 +177,7 @@ impl Holder {
             }
             match handover::receive_message(self.worker.channel.as_fd()) {
                 Ok(Some(Message::FirstReply { at_ns })) => {
+                    self.worker.answered = true;
                     if let Some(died_at) = self.worker.predecessor_died_at_ns {
                         let stall_us = at_ns.saturating_sub(died_at) / 1000;
                         self.state.record_stall(stall_us);
@@ -193,11 +195,15 @@ impl Holder {
                     }
                     self.state.restarts += 1;
                     warn!(pid = self.worker.pid, how, restarts = self.state.restarts, "worker died; starting another");
-                    if self.worker.started.elapsed() < Duration::from_secs(1) {
-                        quick_failures += 1;
-                        std::thread::sleep(Duration::from_millis(10 << quick_failures.min(8)));
+                    // A worker that died before answering anything may be failing at start-up:
+                    // back off if that repeats. One that served is replaced at once.
+                    if self.worker.answered {
+                        failed_starts = 0;
                     } else {
-                        quick_failures = 0;
+                        failed_starts += 1;
+                        if failed_starts > 2 {
+                            std::thread::sleep(Duration::from_millis(10 << failed_starts.min(7)));
+                        }
                     }
                     self.worker = self.replace_dead_worker(died_at_ns);
                 }
@@ -240,6 +246,21 @@ impl Holder {
         }
     }
 
+    /// Waits up to `timeout` for the worker an upgrade replaced to finish and exit.
+    fn finish_retiring(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while let Some(retiring) = &self.retiring {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut fds = [PollFd::new(retiring.channel.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::try_from(left.as_millis() as i32).unwrap_or(PollTimeout::NONE)) {
+                Ok(0) => return,
+                Ok(_) => self.on_retiring_event(),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => return,
+            }
+        }
+    }
+
     fn answer_control(&mut self) {
         let Ok((stream, _)) = self.control.accept() else { return };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
@@ -266,8 +287,9 @@ impl Holder {
     /// then told to stop reading and finish what it holds. Nothing is resent, nothing
     /// answered twice. If the new worker does not start, the current one serves on.
     fn upgrade(&mut self, binary: PathBuf) -> Result<u32, String> {
+        self.finish_retiring(START_TIMEOUT);
         if self.retiring.is_some() {
-            return Err("the previous upgrade is still finishing; try again".into());
+            return Err("the worker replaced by the previous upgrade is still finishing its requests; try again".into());
         }
         let mut state = self.state.clone();
         state.takeover = Takeover::Upgrade;
@@ -303,7 +325,7 @@ fn start_worker(binary: &Path, state: &State, fuse: BorrowedFd<'_>) -> Result<Wo
         Takeover::AfterDeath { died_at_ns } => Some(died_at_ns),
         Takeover::First | Takeover::Upgrade => None,
     };
-    Ok(Worker { pid, channel: ours, child: Some(child), started: Instant::now(), predecessor_died_at_ns, unmounted: false, retired: false })
+    Ok(Worker { pid, channel: ours, child: Some(child), answered: false, predecessor_died_at_ns, unmounted: false, retired: false })
 }
 
 /// Starts `binary [-v..] subcommand` with one end of a new SEQPACKET socket pair as its

@@ -217,6 +217,7 @@ fn serve_status(session: &Arc<Session>, fs: &Arc<ImageFs>, link: &Arc<HolderLink
             worker_restarts: state.restarts,
             upgrades: state.upgrades,
             takeover_stalls_ms: state.stalls_us.iter().map(|&us| us as f64 / 1000.0).collect(),
+            takeovers_measured: state.takeovers_measured,
             resent_requests: session.resent_requests(),
             mountpoint: spec.mountpoint.display().to_string(),
             image: spec.image.clone(),

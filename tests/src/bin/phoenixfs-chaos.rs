@@ -1,0 +1,74 @@
+//! `phoenixfs-chaos`: the chaos harness from the command line, for runs too long for the
+//! test suite (scripts/chaos, scripts/bench-failover). `run` mounts the ≥ 1 GiB dataset and
+//! kills or upgrades while reader processes (`read`, this same binary) check every byte.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use phoenixfs_tests::chaos::{self, Plan, ReaderKind, Victim};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Mount the dataset with an empty cache and kill or upgrade while readers check.
+    Run {
+        /// nobody, worker, holder, alternate or upgrade.
+        #[arg(long, value_parser = |s: &str| Victim::parse(s).ok_or("nobody, worker, holder, alternate or upgrade"))]
+        victim: Victim,
+        #[arg(long, default_value_t = 50)]
+        events: usize,
+        /// Keep going at least this many seconds.
+        #[arg(long, default_value_t = 0)]
+        seconds: u64,
+        #[arg(long, default_value_t = 10)]
+        min_ms: u64,
+        #[arg(long, default_value_t = 500)]
+        max_ms: u64,
+        #[arg(long, default_value_t = 4)]
+        readers: usize,
+        /// Print every stall (ms), one per line, to this file.
+        #[arg(long)]
+        stalls: Option<PathBuf>,
+    },
+    /// One reader process (started by `run`).
+    Read {
+        #[arg(long)]
+        mount: PathBuf,
+        #[arg(long)]
+        manifest: PathBuf,
+        #[arg(long, value_parser = |s: &str| ReaderKind::parse(s).ok_or("read, mmap or walk"))]
+        kind: ReaderKind,
+        #[arg(long)]
+        stop: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        start: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Read { mount, manifest, kind, stop, start } => {
+            chaos::reader_main(&mount, &manifest, kind, &stop, start);
+            ExitCode::SUCCESS
+        }
+        Command::Run { victim, events, seconds, min_ms, max_ms, readers, stalls } => {
+            let dataset = chaos::gib_dataset();
+            let plan = Plan { victim, events, min_duration: Duration::from_secs(seconds), interval_ms: (min_ms, max_ms.max(min_ms)), readers };
+            let me = std::env::current_exe().expect("this binary");
+            let report = chaos::run(&dataset, &me, &plan, &dataset.root.join("cache-cli"));
+            println!("{}", report.summary());
+            if let Some(path) = stalls {
+                let lines: String = report.stalls_ms.iter().map(|ms| format!("{ms}\n")).collect();
+                std::fs::write(&path, lines).expect("writing the stalls");
+            }
+            if report.errors == 0 && report.daemon_errors == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+    }
+}
