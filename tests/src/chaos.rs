@@ -4,6 +4,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -113,7 +114,7 @@ fn read_manifest(path: &Path) -> io::Result<Vec<ManifestEntry>> {
 /// How a reader process checks the files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReaderKind {
-    /// read(2) in 1 MiB pieces, sha256 compared.
+    /// read(2) in 1 MiB pieces, sha256 compared, page cache dropped.
     Read,
     /// A shared memory map, sha256 compared.
     Mmap,
@@ -193,6 +194,8 @@ pub fn reader_main(mount: &Path, manifest: &Path, kind: ReaderKind, stop: &Path,
 }
 
 /// sha256 and length of a file read with read(2); a short read shows as a wrong length.
+/// The file's pages are dropped from the page cache afterwards, so every pass reads through
+/// the daemon again.
 fn sha256_by_read(path: &Path) -> io::Result<(String, u64)> {
     let mut file = File::open(path)?;
     let mut hasher = Sha256::new();
@@ -201,6 +204,7 @@ fn sha256_by_read(path: &Path) -> io::Result<(String, u64)> {
     loop {
         let n = file.read(&mut buf)?;
         if n == 0 {
+            nix::fcntl::posix_fadvise(file.as_raw_fd(), 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED)?;
             return Ok((hex::encode(hasher.finalize()), len));
         }
         hasher.update(&buf[..n]);

@@ -13,7 +13,7 @@ use nix::sys::socket::{sendmsg, socketpair, AddressFamily, ControlMessage, MsgFl
 use nix::unistd::Pid;
 use phoenixfs_tests::mount::PhoenixMount;
 use phoenixfs_tests::trees::noise;
-use phoenixfs_tests::{build_image, fixture_dir, phoenixfs_bin};
+use phoenixfs_tests::{assert_one_line_error, build_image, fixture_dir, phoenixfs_bin};
 use sha2::{Digest, Sha256};
 
 /// The worker's pid once a worker other than `old` answers status; and when it did.
@@ -68,7 +68,9 @@ fn a_request_the_killed_worker_held_is_answered_by_the_next() {
     }
     let got = reader.join().unwrap().expect("the read succeeds after the takeover");
     assert!(got == data, "the resent read returned the right bytes");
-    assert_eq!(mount.status()["worker_restarts"], 1);
+    let status = mount.status();
+    assert_eq!(status["worker_restarts"], 1);
+    assert!(status["resent_requests"].as_u64() >= Some(1), "the READ came back as a resent request: {status}");
 }
 
 /// A worker handed state it cannot read refuses, loudly, and serves nothing.
@@ -95,4 +97,37 @@ fn a_worker_refuses_corrupt_state() {
     assert!(!status.success());
     assert!(stderr.contains("refusing session state"), "{stderr}");
     assert!(String::from_utf8_lossy(&answer[..n]).contains("refusing session state"));
+}
+
+/// An upgrade to a binary that cannot take over fails with one line saying why, and the old
+/// worker serves on; a good upgrade then replaces it without a resend.
+#[test]
+fn a_failed_upgrade_rolls_back() {
+    let root = fixture_dir("failover-upgrade");
+    let src = root.join("src");
+    fs::create_dir_all(&src).unwrap();
+    let data = noise(5, 3 << 20);
+    fs::write(src.join("file"), &data).unwrap();
+    let store = root.join("store");
+    let (image, _) = build_image(&src, &store, &root, &[]);
+    let mount = PhoenixMount::new(&image, &store, &root.join("cache"), &[]);
+    let worker = mount.worker_pid();
+
+    let out = phoenixfs_tests::run(phoenixfs_tests::phoenixfs().arg("upgrade").arg(mount.path()).arg("--binary").arg("/bin/false"));
+    assert_one_line_error(&out, "the new worker did not start, the old one serves on");
+    assert_eq!(mount.worker_pid(), worker);
+    assert!(fs::read(mount.path().join("file")).unwrap() == data);
+
+    let out = phoenixfs_tests::run_ok(phoenixfs_tests::phoenixfs().arg("upgrade").arg(mount.path()));
+    let status = mount.status();
+    assert!(out.contains(&format!("worker {} ", status["pid"])), "{out}");
+    assert_ne!(status["pid"].as_u64(), Some(u64::from(worker)));
+    assert_eq!(status["upgrades"], 1);
+    assert!(fs::read(mount.path().join("file")).unwrap() == data);
+    assert_eq!(mount.status()["resent_requests"], 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while phoenixfs_tests::process_alive(worker) {
+        assert!(Instant::now() < deadline, "the replaced worker exits");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -90,6 +90,16 @@ impl ChunkCache {
     /// removes leftovers of interrupted writes. Several processes may share one cache: each
     /// writes under `tmp/<pid>/`, and only the directories of dead processes are removed.
     pub fn open(dir: &Path, disk_limit: u64, memory_limit: u64) -> Result<Self, CacheError> {
+        let cache = Self::open_unindexed(dir, disk_limit, memory_limit)?;
+        cache.index_disk()?;
+        Ok(cache)
+    }
+
+    /// [`ChunkCache::open`] without indexing the chunks already on disk: ready at once however
+    /// many there are (a worker taking over must not stall readers for a directory scan).
+    /// Chunks on disk are found and served all the same; only the size accounting waits
+    /// for [`ChunkCache::index_disk`].
+    pub fn open_unindexed(dir: &Path, disk_limit: u64, memory_limit: u64) -> Result<Self, CacheError> {
         let chunks = dir.join("chunks");
         fs::create_dir_all(&chunks).map_err(io_error(&chunks))?;
         let tmp_root = dir.join("tmp");
@@ -103,26 +113,37 @@ impl ChunkCache {
         }
         let tmp = tmp_root.join(std::process::id().to_string());
         fs::create_dir_all(&tmp).map_err(io_error(&tmp))?;
+        // Uses from now on rank above every file found by `index_disk`, whenever it runs.
+        let inner = Inner { tick: FIRST_LIVE_TICK, ..Inner::default() };
+        Ok(ChunkCache { dir: dir.to_path_buf(), tmp, disk_limit, memory_limit, inner: Mutex::new(inner), stats: CacheStats::default() })
+    }
+
+    /// Indexes the chunk files on disk (oldest first by mtime, older than any use since
+    /// opening), then evicts down to the limit.
+    pub fn index_disk(&self) -> Result<(), CacheError> {
+        let chunks = self.dir.join("chunks");
         let mut found = Vec::new();
         for sub in fs::read_dir(&chunks).map_err(io_error(&chunks))? {
             let sub = sub.map_err(io_error(&chunks))?.path();
             for file in fs::read_dir(&sub).map_err(io_error(&sub))? {
                 let file = file.map_err(io_error(&sub))?;
                 let Some(digest) = file.file_name().to_str().and_then(|n| n.parse::<Digest>().ok()) else { continue };
-                let meta = file.metadata().map_err(io_error(&sub))?;
+                let Ok(meta) = file.metadata() else { continue };
                 found.push((meta.modified().ok(), digest, meta.len()));
             }
         }
         found.sort();
-        let mut inner = Inner::default();
-        for (_, digest, len) in found {
-            inner.tick += 1;
-            inner.disk.insert(digest, (len, inner.tick));
-            inner.disk_bytes += len;
+        {
+            let mut inner = self.lock();
+            for (age, (_, digest, len)) in found.into_iter().enumerate() {
+                if let std::collections::hash_map::Entry::Vacant(slot) = inner.disk.entry(digest) {
+                    slot.insert((len, age as u64));
+                    inner.disk_bytes += len;
+                }
+            }
         }
-        let cache = ChunkCache { dir: dir.to_path_buf(), tmp, disk_limit, memory_limit, inner: Mutex::new(inner), stats: CacheStats::default() };
-        cache.evict_disk(None);
-        Ok(cache)
+        self.evict_disk(None);
+        Ok(())
     }
 
     pub fn dir(&self) -> &Path {
@@ -203,22 +224,25 @@ impl ChunkCache {
 
     fn load_or_fetch(&self, entry: &ChunkEntry, store: &dyn ChunkStore) -> Result<Arc<[u8]>, CacheError> {
         let path = self.chunk_path(&entry.digest);
-        let on_disk = self.lock().disk.contains_key(&entry.digest);
-        if on_disk {
-            match fs::read(&path) {
-                Ok(mut file) if intact(&file, entry.length as usize) => {
-                    self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
-                    self.touch_disk(&entry.digest);
-                    file.truncate(entry.length as usize);
-                    return Ok(file.into());
-                }
-                Ok(_) => {
-                    warn!(chunk = %entry.digest, "cached chunk is corrupt; discarding it and fetching again");
-                    self.stats.corrupt_discarded.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => warn!(chunk = %entry.digest, error = %e, "cached chunk unreadable; fetching again"),
+        // Look on disk even when the index does not list the chunk: it may not be built yet,
+        // or another process sharing the cache may have written it.
+        match fs::read(&path) {
+            Ok(mut file) if intact(&file, entry.length as usize) => {
+                self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+                self.touch_disk(&entry.digest, file.len() as u64);
+                file.truncate(entry.length as usize);
+                return Ok(file.into());
             }
-            self.forget_disk(&entry.digest);
+            Ok(_) => {
+                warn!(chunk = %entry.digest, "cached chunk is corrupt; discarding it and fetching again");
+                self.stats.corrupt_discarded.fetch_add(1, Ordering::Relaxed);
+                self.forget_disk(&entry.digest);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!(chunk = %entry.digest, error = %e, "cached chunk unreadable; fetching again");
+                self.forget_disk(&entry.digest);
+            }
         }
         let data = self.fetch(entry, store)?;
         if let Err(e) = self.store_on_disk(&entry.digest, &data) {
@@ -286,12 +310,12 @@ impl ChunkCache {
         Ok(())
     }
 
-    fn touch_disk(&self, digest: &Digest) {
+    fn touch_disk(&self, digest: &Digest, file_len: u64) {
         let mut inner = self.lock();
         inner.tick += 1;
         let tick = inner.tick;
-        if let Some((_, used)) = inner.disk.get_mut(digest) {
-            *used = tick;
+        if inner.disk.insert(*digest, (file_len, tick)).is_none() {
+            inner.disk_bytes += file_len;
         }
     }
 
@@ -347,6 +371,8 @@ impl ChunkCache {
 }
 
 const CRC_SIZE: usize = 4;
+/// Ticks of uses after opening start here; files found by `index_disk` get smaller ones.
+const FIRST_LIVE_TICK: u64 = 1 << 48;
 
 /// Whether a cache file holds `len` bytes of data followed by their crc32c.
 fn intact(file: &[u8], len: usize) -> bool {

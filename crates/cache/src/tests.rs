@@ -116,3 +116,28 @@ fn a_held_chunk_outlives_its_eviction() {
     assert!(!cache.chunk_path(&first.digest).exists());
     assert_eq!(*held, first_data[..]);
 }
+
+#[test]
+fn an_unindexed_cache_serves_what_is_on_disk_and_ranks_it_below_new_uses() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemoryStore::new();
+    let file_len = 10_000 + CRC_SIZE as u64;
+    let chunks: Vec<_> = (1..=3u8).map(|s| chunk(&store, s, 10_000)).collect();
+    {
+        let cache = ChunkCache::open(dir.path(), 1 << 30, 0).unwrap();
+        for (entry, _) in &chunks[..2] {
+            cache.get(entry, &store).unwrap();
+        }
+    }
+    let cache = ChunkCache::open_unindexed(dir.path(), 2 * file_len, 0).unwrap();
+    assert_eq!(cache.disk_usage(), (0, 0), "nothing indexed yet");
+    // Chunk 1 is found on disk without the index; chunk 3 is new.
+    assert_eq!(*cache.get(&chunks[1].0, &store).unwrap(), chunks[1].1[..]);
+    cache.get(&chunks[2].0, &store).unwrap();
+    assert_eq!(store.chunk_reads.load(Ordering::SeqCst), 3, "only chunk 3 was fetched again");
+    cache.index_disk().unwrap();
+    // Indexing found chunk 0 (older than any use since opening) and evicted it.
+    assert_eq!(cache.disk_usage(), (2, 2 * file_len));
+    assert!(!cache.chunk_path(&chunks[0].0.digest).exists());
+    assert!(cache.chunk_path(&chunks[1].0.digest).exists() && cache.chunk_path(&chunks[2].0.digest).exists());
+}

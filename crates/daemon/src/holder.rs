@@ -86,21 +86,21 @@ pub fn hold(spec: MountSpec, fd: OwnedFd, ready: Option<OwnedFd>) -> Result<(), 
     let started = (|| {
         let session = Session::init(fd)?;
         let params = *session.params();
-        if !params.has_resend() && ready.is_none() {
-            warn!("{}", no_resend_warning());
-        }
         set_kernel_readahead(&mountpoint);
         let state = State { params, spec, restarts: 0, upgrades: 0, holder_pid: std::process::id(), takeover: Takeover::First, stalls_us: Vec::new(), takeovers_measured: 0 };
+        let warnings = warnings(&state);
+        for warning in &warnings {
+            warn!("{warning}");
+        }
         let binary = std::env::current_exe().map_err(|source| MountError::Io { what: "finding this binary".into(), source })?;
         let control = bind_control(&mountpoint)?;
         let worker = start_worker(&binary, &state, session.fd())?;
         spawn_signal_thread(&mountpoint)?;
-        Ok::<_, MountError>(Holder { fuse: session.into_fd(), state, binary, worker, retiring: None, control })
+        Ok::<_, MountError>((Holder { fuse: session.into_fd(), state, binary, worker, retiring: None, control }, warnings))
     })();
     match started {
-        Ok(holder) => {
-            let warning = if holder.state.params.has_resend() { "" } else { no_resend_warning() };
-            report(ready, &format!("ok\n{warning}"));
+        Ok((holder, warnings)) => {
+            report(ready, &format!("ok\n{}", warnings.join("\n")));
             holder.run()
         }
         Err(e) => {
@@ -111,10 +111,32 @@ pub fn hold(spec: MountSpec, fd: OwnedFd, ready: Option<OwnedFd>) -> Result<(), 
     }
 }
 
-/// What `mount` prints (and the holder logs) on kernels that cannot resend requests.
-pub fn no_resend_warning() -> &'static str {
-    "this kernel cannot resend FUSE requests (no FUSE_HAS_RESEND, Linux 6.9+): requests in flight when a worker dies may hang; upgrades still lose nothing"
+/// What `mount` prints (and the holder logs) about the machine's ability to survive a
+/// worker's death: a kernel that cannot resend requests, a request timeout that would abort
+/// the whole connection during a long takeover.
+fn warnings(state: &State) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if !state.params.has_resend() {
+        warnings.push("this kernel cannot resend FUSE requests (no FUSE_HAS_RESEND, Linux 6.9+): requests in flight when a worker dies may hang; upgrades still lose nothing".to_string());
+    }
+    let sysctl = |name: &str| std::fs::read_to_string(format!("/proc/sys/fs/fuse/{name}")).ok().and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0);
+    // The kernel's rule: the default applies, capped (or replaced when 0) by the maximum.
+    let (default, max) = (sysctl("default_request_timeout"), sysctl("max_request_timeout"));
+    let timeout = match (default, max) {
+        (d, 0) => d,
+        (0, m) => m,
+        (d, m) => d.min(m),
+    };
+    if timeout != 0 && timeout < MIN_SAFE_REQUEST_TIMEOUT_S {
+        warnings.push(format!(
+            "fs.fuse request timeout is {timeout} s: a request waiting longer (a slow takeover, a slow store) aborts the whole mount; set fs.fuse.default_request_timeout and max_request_timeout to 0 or at least {MIN_SAFE_REQUEST_TIMEOUT_S}"
+        ));
+    }
+    warnings
 }
+
+/// Request timeouts below this could abort a mount during a takeover or a slow fetch.
+const MIN_SAFE_REQUEST_TIMEOUT_S: u64 = 60;
 
 /// A holder started by a worker whose holder died (the hidden `holder` subcommand): takes
 /// the fd and state from that worker (fd 3) and holds from then on.

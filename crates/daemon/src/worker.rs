@@ -97,7 +97,18 @@ fn start_serving(state: &State, session: &Session) -> Result<Arc<ImageFs>, Mount
     let spec = &state.spec;
     let store = LocalStore::open(&spec.store).map_err(|e| MountError::Daemon(e.to_string()))?;
     let image = load_image(&spec.image, Some(&store)).map_err(|e| MountError::Daemon(e.to_string()))?;
-    let cache = Arc::new(ChunkCache::open(&spec.cache_dir, spec.cache_limit, spec.memory_limit)?);
+    let cache = Arc::new(ChunkCache::open_unindexed(&spec.cache_dir, spec.cache_limit, spec.memory_limit)?);
+    {
+        let cache = cache.clone();
+        std::thread::Builder::new()
+            .name("cache-index".into())
+            .spawn(move || {
+                if let Err(error) = cache.index_disk() {
+                    warn!(%error, "cannot index the cache directory; its size limit is not enforced for what it held");
+                }
+            })
+            .map_err(|source| MountError::Io { what: "spawning the cache-index thread".into(), source })?;
+    }
     // Resending is harmless for the first worker (nothing was read) and wrong for an upgrade
     // (the old worker still answers what it read).
     if state.params.has_resend() && state.takeover != Takeover::Upgrade {
