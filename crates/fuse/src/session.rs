@@ -232,7 +232,7 @@ impl Session {
     }
 
     /// Makes [`Session::serve`] return [`Ended::Stopped`]: each serving thread stops reading
-    /// at a request boundary and finishes the request it holds. Returns at once; another
+    /// at a request boundary and finishes the request it holds. Returns when all have; another
     /// process reading the same connection keeps it served meanwhile.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
