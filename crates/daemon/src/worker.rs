@@ -103,6 +103,10 @@ fn start_serving(state: &State, session: &Session) -> Result<Arc<ImageFs>, Mount
         std::thread::Builder::new()
             .name("cache-index".into())
             .spawn(move || {
+                // After the takeover's rush, at the lowest priority: a worker killed again
+                // within the second has spent nothing on it.
+                std::thread::sleep(Duration::from_secs(1));
+                lowest_priority_for_this_thread();
                 if let Err(error) = cache.index_disk() {
                     warn!(%error, "cannot index the cache directory; its size limit is not enforced for what it held");
                 }
@@ -258,8 +262,7 @@ fn serve_status(session: &Arc<Session>, fs: &Arc<ImageFs>, link: &Arc<HolderLink
 /// Warms the cache with the chunks of the listed files (or of every file), one at a time at
 /// the lowest CPU priority, after the mount is serving.
 fn prefetch_chunks(fs: &ImageFs, prefetch: &Prefetch, progress: bool) {
-    // SAFETY: setpriority with who = 0 changes only the calling thread on Linux.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+    lowest_priority_for_this_thread();
     let bootstrap = &fs.image.bootstrap;
     let inodes = match prefetch {
         Prefetch::Nothing => return,
@@ -305,4 +308,10 @@ fn prefetch_chunks(fs: &ImageFs, prefetch: &Prefetch, progress: bool) {
         eprintln!();
     }
     info!(chunks = total, "prefetch done");
+}
+
+/// Background work (prefetch, indexing) yields the CPU to serving requests.
+fn lowest_priority_for_this_thread() {
+    // SAFETY: setpriority with who = 0 changes only the calling thread on Linux.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
 }
