@@ -333,16 +333,8 @@ impl Holder {
 /// Starts `binary worker` with a hand-over socket as its fd 3, hands it the state and the
 /// FUSE fd, and waits until it serves. On failure nothing is left running.
 fn start_worker(binary: &Path, state: &State, fuse: BorrowedFd<'_>) -> Result<Worker, MountError> {
-    let (ours, mut child) = spawn_with_channel(binary, "worker", state.spec.log_level, false)?;
+    let (ours, child) = start_with_handover(binary, "worker", state, fuse)?;
     let pid = child.id();
-    let result = handover::send(ours.as_fd(), state, fuse)
-        .map_err(MountError::from)
-        .and_then(|()| await_ready(ours.as_fd(), "worker"));
-    if let Err(e) = result {
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(e);
-    }
     let predecessor_died_at_ns = match state.takeover {
         Takeover::AfterDeath { died_at_ns } => Some(died_at_ns),
         Takeover::First | Takeover::Upgrade => None,
@@ -350,10 +342,28 @@ fn start_worker(binary: &Path, state: &State, fuse: BorrowedFd<'_>) -> Result<Wo
     Ok(Worker { pid, channel: ours, child: Some(child), answered: false, predecessor_died_at_ns, unmounted: false, retired: false })
 }
 
+/// Starts `binary subcommand` (a worker, or a holder to replace a dead one), hands it the
+/// state and the FUSE fd, and waits until it says it has taken over. Returns our end of the
+/// socket to it. On failure nothing is left running.
+pub(crate) fn start_with_handover(binary: &Path, subcommand: &str, state: &State, fuse: BorrowedFd<'_>) -> Result<(OwnedFd, Child), MountError> {
+    // A holder must outlive the worker that starts it: a session of its own.
+    let detach = subcommand == "holder";
+    let (ours, mut child) = spawn_with_channel(binary, subcommand, state.spec.log_level, detach)?;
+    let result = handover::send(ours.as_fd(), state, fuse)
+        .map_err(MountError::from)
+        .and_then(|()| await_ready(ours.as_fd(), subcommand));
+    if let Err(e) = result {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
+    Ok((ours, child))
+}
+
 /// Starts `binary [-v..] subcommand` with one end of a new SEQPACKET socket pair as its
-/// fd 3; returns our end. `detach` puts it in a session of its own (a holder must outlive
-/// the worker that starts it); otherwise it gets a process group of its own.
-pub(crate) fn spawn_with_channel(binary: &Path, subcommand: &str, log_level: u8, detach: bool) -> Result<(OwnedFd, Child), MountError> {
+/// fd 3; returns our end. `detach` puts it in a session of its own, otherwise it gets a
+/// process group of its own.
+fn spawn_with_channel(binary: &Path, subcommand: &str, log_level: u8, detach: bool) -> Result<(OwnedFd, Child), MountError> {
     let io = |what: String| move |source: io::Error| MountError::Io { what, source };
     let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
         .map_err(|e| io("creating the hand-over socket".into())(e.into()))?;
@@ -384,7 +394,7 @@ pub(crate) fn spawn_with_channel(binary: &Path, subcommand: &str, log_level: u8,
 }
 
 /// Waits for a started process's first message: `Ready`, or why it failed.
-pub(crate) fn await_ready(channel: BorrowedFd<'_>, what: &str) -> Result<(), MountError> {
+fn await_ready(channel: BorrowedFd<'_>, what: &str) -> Result<(), MountError> {
     let mut fds = [PollFd::new(channel, PollFlags::POLLIN)];
     let timeout = PollTimeout::try_from(START_TIMEOUT.as_millis() as i32).unwrap_or(PollTimeout::NONE);
     if !matches!(poll(&mut fds, timeout), Ok(n) if n > 0) {

@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use crate::control::{self, Status};
 use crate::fs::ImageFs;
 use crate::handover::{self, monotonic_ns, Message, State, Takeover};
-use crate::holder::{await_ready, set_cloexec, spawn_with_channel};
+use crate::holder::{set_cloexec, start_with_handover};
 use crate::mount::{MountError, Prefetch};
 
 /// The worker's side of its link to the holder; replaced when the holder dies.
@@ -197,15 +197,7 @@ fn replace_holder(session: &Session, link: &HolderLink) -> Child {
 fn start_holder(session: &Session, link: &HolderLink) -> Result<Child, MountError> {
     let binary = std::env::current_exe().map_err(|source| MountError::Io { what: "finding this binary".into(), source })?;
     let state = link.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let (channel, mut child) = spawn_with_channel(&binary, "holder", state.spec.log_level, true)?;
-    let handed = handover::send(channel.as_fd(), &state, session.fd())
-        .map_err(MountError::from)
-        .and_then(|()| await_ready(channel.as_fd(), "holder"));
-    if let Err(e) = handed {
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(e);
-    }
+    let (channel, child) = start_with_handover(&binary, "holder", &state, session.fd())?;
     link.holder_pid.store(child.id(), Ordering::Relaxed);
     *link.channel.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(channel);
     info!(pid = child.id(), "a new holder holds the mount");
