@@ -1,10 +1,12 @@
-//! Takeover details: a request the killed worker held is resent and answered; corrupt state
-//! is refused; a failed upgrade rolls back. Readers under kills: tests/chaos.rs.
+//! Takeover details: a request a killed worker held (serving, or retiring after an upgrade) is
+//! resent and answered; corrupt state is refused; a failed upgrade rolls back. Readers under
+//! kills: tests/chaos.rs.
 
 use std::fs::{self, File};
 use std::io::{IoSlice, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -33,43 +35,83 @@ fn next_worker(mount: &PhoenixMount, old: u32) -> (u32, Instant) {
     }
 }
 
+/// An image of one 100,000-byte file whose only chunk in the store is a fifo: a worker that
+/// reads it blocks until `feed` writes the real chunk.
+struct HeldRead {
+    mount: PhoenixMount,
+    data: Vec<u8>,
+    chunk: PathBuf,
+    stored: Vec<u8>,
+    reader: std::thread::JoinHandle<std::io::Result<Vec<u8>>>,
+}
+
+impl HeldRead {
+    /// Mounts it and starts a reader of the file, held by the serving worker.
+    fn start(name: &str) -> HeldRead {
+        let root = fixture_dir(name);
+        let src = root.join("src");
+        fs::create_dir_all(&src).unwrap();
+        let data = noise(77, 100_000);
+        fs::write(src.join("file"), &data).unwrap();
+        let store = root.join("store");
+        let (image, _) = build_image(&src, &store, &root, &[]);
+        let digest = hex::encode(Sha256::digest(&data));
+        let chunk = store.join("chunks").join(&digest[..2]).join(&digest);
+        let stored = fs::read(&chunk).unwrap();
+        fs::remove_file(&chunk).unwrap();
+        nix::unistd::mkfifo(&chunk, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let mount = PhoenixMount::new(&image, &store, &root.join("cache"), &[]);
+        let path = mount.path().join("file");
+        let reader = std::thread::spawn(move || fs::read(path));
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(!reader.is_finished(), "the read must be waiting on the fifo");
+        HeldRead { mount, data, chunk, stored, reader }
+    }
+
+    /// Feeds the fifo (to whichever worker now waits on it) and checks the reader's bytes.
+    fn feed_and_check(self) -> PhoenixMount {
+        File::options().write(true).open(&self.chunk).unwrap().write_all(&self.stored).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.reader.is_finished() {
+            assert!(Instant::now() < deadline, "the held read was never answered");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let got = self.reader.join().unwrap().expect("the read succeeds after the takeover");
+        assert!(got == self.data, "the resent read returned the right bytes");
+        self.mount
+    }
+}
+
 /// A READ the dead worker had taken but not answered is resent to, and answered by, the next
-/// worker. The chunk file in the store is a fifo, so the first worker blocks on it for sure.
+/// worker.
 #[test]
 fn a_request_the_killed_worker_held_is_answered_by_the_next() {
-    let root = fixture_dir("failover-resend");
-    let src = root.join("src");
-    fs::create_dir_all(&src).unwrap();
-    let data = noise(77, 100_000);
-    fs::write(src.join("file"), &data).unwrap();
-    let store = root.join("store");
-    let (image, _) = build_image(&src, &store, &root, &[]);
-    let digest = hex::encode(Sha256::digest(&data));
-    let chunk = store.join("chunks").join(&digest[..2]).join(&digest);
-    let stored = fs::read(&chunk).unwrap();
-    fs::remove_file(&chunk).unwrap();
-    nix::unistd::mkfifo(&chunk, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-
-    let mount = PhoenixMount::new(&image, &store, &root.join("cache"), &[]);
-    let first = mount.worker_pid();
-    let path = mount.path().join("file");
-    let reader = std::thread::spawn(move || fs::read(path));
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(!reader.is_finished(), "the read must be waiting on the fifo");
+    let held = HeldRead::start("failover-resend");
+    let first = held.mount.worker_pid();
     kill(Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
-    next_worker(&mount, first);
+    next_worker(&held.mount, first);
     std::thread::sleep(Duration::from_millis(200));
-    // The new worker now waits on the fifo for the resent READ: feed it the real chunk.
-    File::options().write(true).open(&chunk).unwrap().write_all(&stored).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !reader.is_finished() {
-        assert!(Instant::now() < deadline, "the held read was never answered");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let got = reader.join().unwrap().expect("the read succeeds after the takeover");
-    assert!(got == data, "the resent read returned the right bytes");
+    let mount = held.feed_and_check();
     let status = mount.status();
     assert_eq!(status["worker_restarts"], 1);
+    assert!(status["resent_requests"].as_u64() >= Some(1), "the READ came back as a resent request: {status}");
+}
+
+/// An upgrade's old worker killed while it still holds a READ (it cannot finish: the chunk
+/// is a fifo): the holder has the new worker ask for a resend, and the READ is answered.
+#[test]
+fn a_request_held_by_a_worker_killed_while_retiring_is_answered() {
+    let held = HeldRead::start("failover-retiring");
+    let old = held.mount.worker_pid();
+    phoenixfs_tests::run_ok(phoenixfs_tests::phoenixfs().arg("upgrade").arg(held.mount.path()));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(phoenixfs_tests::process_alive(old), "the old worker waits to finish its READ");
+    assert!(!held.reader.is_finished());
+    kill(Pid::from_raw(old as i32), Signal::SIGKILL).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mount = held.feed_and_check();
+    let status = mount.status();
+    assert_eq!((status["upgrades"].as_u64(), status["worker_restarts"].as_u64()), (Some(1), Some(0)));
     assert!(status["resent_requests"].as_u64() >= Some(1), "the READ came back as a resent request: {status}");
 }
 
