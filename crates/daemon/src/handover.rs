@@ -196,6 +196,8 @@ pub fn check_peer(socket: BorrowedFd<'_>, owner: u32) -> Result<u32, HandoverErr
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsFd;
+
     use super::*;
 
     fn sample() -> State {
@@ -224,6 +226,22 @@ mod tests {
         let mut future = bytes.clone();
         future[8] = 3;
         assert!(matches!(decode(&future), Err(HandoverError::Version(3))));
+    }
+
+    #[test]
+    fn messages_cross_the_socket_and_garbage_or_a_closed_peer_is_told_apart() {
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        let (a, b) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        for message in [Message::Ready { pid: 7 }, Message::Failed("why".into()), Message::FirstReply { at_ns: 1 << 40 }, Message::Retire, Message::Retired, Message::Resend, Message::Unmounted] {
+            send_message(a.as_fd(), &message).unwrap();
+            assert_eq!(receive_message(b.as_fd()).unwrap(), Some(message));
+        }
+        nix::sys::socket::send(a.as_raw_fd(), b"ok\n", MsgFlags::empty()).unwrap();
+        assert!(matches!(receive_message(b.as_fd()), Err(HandoverError::Garbled(text)) if text == "ok"));
+        // Both ends were made by this process, as root or its owner.
+        assert_eq!(check_peer(b.as_fd(), nix::unistd::getuid().as_raw()).unwrap(), std::process::id());
+        drop(a);
+        assert_eq!(receive_message(b.as_fd()).unwrap(), None);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! Owns: decoding kernel requests into typed operations and encoding replies ([`request`],
 //! [`reply`]: pure, no I/O), mounting with mount(2), the INIT handshake whose negotiated
 //! values ([`SessionParams`]) are the only session state, and the loop that serves requests
-//! from several threads on one fd ([`session`]). The file system itself sits behind the small
+//! from several threads on one fd, resumable by another process (with FUSE_NOTIFY_RESEND)
+//! and stoppable at a request boundary ([`session`]). The file system itself sits behind the small
 //! read-only [`Filesystem`] trait.
 //!
 //! Must never: know about chunks, stores or images; keep per-open or per-lookup state that a
