@@ -253,6 +253,8 @@ pub enum Victim {
     Alternate,
     /// `phoenixfs upgrade` instead of a kill.
     Upgrade,
+    /// Worker kill, upgrade, holder kill, worker kill, ...
+    Mixed,
 }
 
 impl Victim {
@@ -263,6 +265,7 @@ impl Victim {
             "holder" => Victim::Holder,
             "alternate" => Victim::Alternate,
             "upgrade" => Victim::Upgrade,
+            "mixed" => Victim::Mixed,
             _ => return None,
         })
     }
@@ -367,6 +370,8 @@ pub fn run(dataset: &Dataset, reader_bin: &Path, plan: &Plan, cache: &Path) -> R
     let mut report = Report::default();
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let mut event = 0;
+    // The worker the latest upgrade started, until its resent requests are counted.
+    let mut upgraded = None;
     while event < plan.events || started.elapsed() < plan.min_duration {
         rng ^= rng << 13;
         rng ^= rng >> 7;
@@ -374,20 +379,23 @@ pub fn run(dataset: &Dataset, reader_bin: &Path, plan: &Plan, cache: &Path) -> R
         let (low, high) = plan.interval_ms;
         std::thread::sleep(Duration::from_millis(low + rng % (high - low + 1)));
         let status = current_status(&mount);
+        count_resent_after_upgrade(&status, &mut upgraded, &mut report);
         match plan.victim {
             Victim::Nobody => {}
             Victim::Worker => kill_worker(&mount, &status, &mut report),
             Victim::Holder => kill_holder(&mount, &status, &mut report),
             Victim::Alternate if event % 2 == 0 => kill_holder(&mount, &status, &mut report),
             Victim::Alternate => kill_worker(&mount, &status, &mut report),
-            Victim::Upgrade => upgrade(&mount, &status, &mut report),
+            Victim::Upgrade => upgraded = Some(upgrade(&mount, &mut report)),
+            Victim::Mixed => match event % 3 {
+                0 => kill_worker(&mount, &status, &mut report),
+                1 => upgraded = Some(upgrade(&mount, &mut report)),
+                _ => kill_holder(&mount, &status, &mut report),
+            },
         }
         event += 1;
     }
-    let status = current_status(&mount);
-    if plan.victim == Victim::Upgrade {
-        report.resent_after_upgrades += status["resent_requests"].as_u64().unwrap_or(0);
-    }
+    count_resent_after_upgrade(&current_status(&mount), &mut upgraded, &mut report);
     fs::write(&stop, "").expect("stop file");
     for (i, reader) in readers.into_iter().enumerate() {
         let out = reader.wait_with_output().expect("waiting for a reader");
@@ -463,9 +471,19 @@ fn kill_holder(mount: &PhoenixMount, status: &Value, report: &mut Report) {
     }
 }
 
-/// Upgrades the worker (to the same binary) and counts what the previous worker had resent.
-fn upgrade(mount: &PhoenixMount, status: &Value, report: &mut Report) {
-    report.resent_after_upgrades += status["resent_requests"].as_u64().unwrap_or(0);
+/// Upgrades the worker (to the same binary); the new worker's pid.
+fn upgrade(mount: &PhoenixMount, report: &mut Report) -> i32 {
     run_ok(phoenixfs().arg("upgrade").arg(mount.path()));
     report.upgrades += 1;
+    // The new worker answers status from the moment the upgrade is done.
+    pid_of(&current_status(mount), "pid")
+}
+
+/// Counts, once, the requests resent to a worker that took over by upgrade (none should be:
+/// an upgrade sends no FUSE_NOTIFY_RESEND), while it still serves.
+fn count_resent_after_upgrade(status: &Value, upgraded: &mut Option<i32>, report: &mut Report) {
+    if *upgraded == Some(pid_of(status, "pid")) {
+        report.resent_after_upgrades += status["resent_requests"].as_u64().unwrap_or(0);
+    }
+    *upgraded = None;
 }

@@ -1,7 +1,7 @@
 //! The chaos tests, CI-sized: four reader processes (read(2), mmap, a directory walker that
 //! stats everything) check every byte of a ≥ 1 GiB image through a mount that starts with an
-//! empty cache, while the worker, the holder, both in turn, or upgrades hit it at random
-//! instants 10-500 ms apart. Pass: zero errors of any kind, zero wrong bytes.
+//! empty cache, while the worker, the holder, both in turn, upgrades, or all three hit it at
+//! random instants 10-500 ms apart. Pass: zero errors of any kind, zero wrong bytes.
 //! Longer runs: scripts/chaos.
 
 use std::io::Write;
@@ -52,5 +52,12 @@ fn readers_never_notice_holder_and_worker_killed_in_turn() {
 fn upgrades_lose_nothing_and_resend_nothing() {
     let report = chaos_run(Victim::Upgrade, 20, "upgrade");
     assert_eq!(report.upgrades, 20);
+    assert_eq!(report.resent_after_upgrades, 0, "an upgrade must not make the kernel resend");
+}
+
+#[test]
+fn kills_of_either_process_between_upgrades_lose_nothing() {
+    let report = chaos_run(Victim::Mixed, 60, "mixed");
+    assert_eq!((report.worker_kills, report.upgrades, report.holder_kills), (20, 20, 20));
     assert_eq!(report.resent_after_upgrades, 0, "an upgrade must not make the kernel resend");
 }

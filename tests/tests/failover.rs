@@ -173,3 +173,45 @@ fn a_failed_upgrade_rolls_back() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// The holder keeps watching the serving worker while an upgrade's new worker is starting
+/// (here, a binary that takes seconds to start): a worker killed meanwhile is replaced at
+/// once, and the upgrade still completes.
+#[test]
+fn a_worker_killed_during_a_slow_upgrade_is_replaced_at_once() {
+    let root = fixture_dir("failover-slow-upgrade");
+    let src = root.join("src");
+    fs::create_dir_all(&src).unwrap();
+    let data = noise(9, 2 << 20);
+    fs::write(src.join("file"), &data).unwrap();
+    let store = root.join("store");
+    let (image, _) = build_image(&src, &store, &root, &[]);
+    let slow = root.join("slow-phoenixfs");
+    fs::write(&slow, format!("#!/bin/sh\nsleep 5\nexec {} \"$@\"\n", phoenixfs_bin().display())).unwrap();
+    fs::set_permissions(&slow, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mount = PhoenixMount::new(&image, &store, &root.join("cache"), &[]);
+    let first = mount.worker_pid();
+
+    let (mountpoint, binary) = (mount.path_buf(), slow.clone());
+    let upgrade = std::thread::spawn(move || phoenixfs_tests::run(phoenixfs_tests::phoenixfs().arg("upgrade").arg(mountpoint).arg("--binary").arg(binary)));
+    std::thread::sleep(Duration::from_millis(500));
+    kill(Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
+    next_worker(&mount, first);
+    assert!(!upgrade.is_finished(), "the replacement serves before the slow upgrade is done");
+    assert!(fs::read(mount.path().join("file")).unwrap() == data);
+
+    let out = upgrade.join().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The holder tells the new worker the restart it missed while starting; it may take a
+    // moment to read that.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = mount.status();
+        if (status["upgrades"].as_u64(), status["worker_restarts"].as_u64()) == (Some(1), Some(1)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "status after the upgrade: {status}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(fs::read(mount.path().join("file")).unwrap() == data);
+}

@@ -78,6 +78,9 @@ pub enum Message {
     Resend,
     /// worker -> holder: the file system is unmounted; exiting.
     Unmounted,
+    /// holder -> worker: the mount's history, when it changed while the worker was starting
+    /// (a restart during an upgrade).
+    History { restarts: u64, upgrades: u64, stalls_us: Vec<u64>, takeovers_measured: u64 },
 }
 
 /// Now on CLOCK_MONOTONIC in nanoseconds: one clock for all processes of a mount.
@@ -232,7 +235,7 @@ mod tests {
     fn messages_cross_the_socket_and_garbage_or_a_closed_peer_is_told_apart() {
         use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
         let (a, b) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap();
-        for message in [Message::Ready { pid: 7 }, Message::Failed("why".into()), Message::FirstReply { at_ns: 1 << 40 }, Message::Retire, Message::Retired, Message::Resend, Message::Unmounted] {
+        for message in [Message::Ready { pid: 7 }, Message::Failed("why".into()), Message::FirstReply { at_ns: 1 << 40 }, Message::Retire, Message::Retired, Message::Resend, Message::Unmounted, Message::History { restarts: 1, upgrades: 2, stalls_us: vec![3], takeovers_measured: 4 }] {
             send_message(a.as_fd(), &message).unwrap();
             assert_eq!(receive_message(b.as_fd()).unwrap(), Some(message));
         }

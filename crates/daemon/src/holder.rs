@@ -53,6 +53,10 @@ struct Worker {
 }
 
 impl Worker {
+    fn started(channel: OwnedFd, child: Child, predecessor_died_at_ns: Option<u64>) -> Worker {
+        Worker { pid: child.id(), channel, child: Some(child), answered: false, predecessor_died_at_ns, unmounted: false, retired: false }
+    }
+
     /// Reaps the worker if it is ours; how it ended, for the log.
     fn reap(&mut self) -> String {
         match self.child.as_mut().map(Child::wait) {
@@ -68,9 +72,20 @@ struct Holder {
     state: State,
     binary: PathBuf,
     worker: Worker,
-    /// The worker an upgrade replaced, until it has finished its requests and exited.
-    retiring: Option<Worker>,
+    /// Workers upgrades replaced, until each has finished its requests and exited.
+    retiring: Vec<Worker>,
+    /// An upgrade whose new worker is starting.
+    upgrade: Option<Upgrade>,
     control: UnixListener,
+}
+
+/// A hot upgrade in progress: the holder keeps watching the serving worker meanwhile.
+struct Upgrade {
+    worker: Worker,
+    binary: PathBuf,
+    /// Who asked; answered when the new worker serves or has failed.
+    client: UnixStream,
+    deadline: Instant,
 }
 
 /// The first holder of a mount (the `mount` command's daemon): answers INIT, starts the first
@@ -96,7 +111,7 @@ pub fn hold(spec: MountSpec, fd: OwnedFd, ready: Option<OwnedFd>) -> Result<(), 
         let control = bind_control(&mountpoint)?;
         let worker = start_worker(&binary, &state, session.fd())?;
         spawn_signal_thread(&mountpoint)?;
-        Ok::<_, MountError>((Holder { fuse: session.into_fd(), state, binary, worker, retiring: None, control }, warnings))
+        Ok::<_, MountError>((Holder { fuse: session.into_fd(), state, binary, worker, retiring: Vec::new(), upgrade: None, control }, warnings))
     })();
     match started {
         Ok((holder, warnings)) => {
@@ -168,28 +183,43 @@ pub fn run_adopting_holder() -> Result<(), MountError> {
     answer(&Message::Ready { pid: std::process::id() });
     warn!(worker = worker_pid, "the previous holder died; this one holds the mount now");
     let worker = Worker { pid: worker_pid, channel, child: None, answered: true, predecessor_died_at_ns: None, unmounted: false, retired: false };
-    Holder { fuse, state, binary, worker, retiring: None, control }.run()
+    Holder { fuse, state, binary, worker, retiring: Vec::new(), upgrade: None, control }.run()
 }
 
 impl Holder {
-    /// Watches the worker (and a retiring one) and the control socket until unmounted.
+    /// Watches the worker, an upgrade's new worker, retiring workers and the control socket
+    /// until unmounted.
     fn run(mut self) -> Result<(), MountError> {
         let mut failed_starts = 0u32;
         loop {
-            let (worker_event, retiring_event, control_event) = {
+            let (worker_event, control_event, upgrade_event, retiring_events) = {
                 let mut fds = vec![PollFd::new(self.worker.channel.as_fd(), PollFlags::POLLIN), PollFd::new(self.control.as_fd(), PollFlags::POLLIN)];
-                if let Some(retiring) = &self.retiring {
-                    fds.push(PollFd::new(retiring.channel.as_fd(), PollFlags::POLLIN));
+                if let Some(upgrade) = &self.upgrade {
+                    fds.push(PollFd::new(upgrade.worker.channel.as_fd(), PollFlags::POLLIN));
                 }
-                match poll(&mut fds, PollTimeout::NONE) {
+                fds.extend(self.retiring.iter().map(|r| PollFd::new(r.channel.as_fd(), PollFlags::POLLIN)));
+                let timeout = match &self.upgrade {
+                    Some(upgrade) => PollTimeout::try_from(upgrade.deadline.saturating_duration_since(Instant::now()).as_millis() as i32).unwrap_or(PollTimeout::NONE),
+                    None => PollTimeout::NONE,
+                };
+                match poll(&mut fds, timeout) {
                     Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                     Err(e) => return Err(MountError::Io { what: "waiting for the worker".into(), source: e.into() }),
                 }
-                let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
-                (ready(&fds[0]), fds.get(2).is_some_and(ready), ready(&fds[1]))
+                let ready: Vec<bool> = fds.iter().map(|fd| fd.revents().is_some_and(|r| !r.is_empty())).collect();
+                let upgrade_event = self.upgrade.is_some() && ready[2];
+                let first_retiring = 2 + usize::from(self.upgrade.is_some());
+                let retiring_events: Vec<usize> = (0..self.retiring.len()).filter(|&i| ready[first_retiring + i]).collect();
+                (ready[0], ready[1], upgrade_event, retiring_events)
             };
-            if retiring_event {
-                self.on_retiring_event();
+            // Highest index first, so that removing one keeps the others' positions.
+            for i in retiring_events.into_iter().rev() {
+                self.on_retiring_event(i);
+            }
+            if upgrade_event {
+                self.on_upgrade_event();
+            } else if self.upgrade.as_ref().is_some_and(|u| Instant::now() >= u.deadline) {
+                self.abort_upgrade(format!("it did not start within {} s", START_TIMEOUT.as_secs()));
             }
             if control_event {
                 self.answer_control();
@@ -249,36 +279,21 @@ impl Holder {
         }
     }
 
-    fn on_retiring_event(&mut self) {
-        let Some(retiring) = self.retiring.as_mut() else { return };
+    fn on_retiring_event(&mut self, index: usize) {
+        let retiring = &mut self.retiring[index];
         match handover::receive_message(retiring.channel.as_fd()) {
             Ok(Some(Message::Retired)) => retiring.retired = true,
             Ok(Some(_)) => {}
             Ok(None) | Err(_) => {
+                let mut retiring = self.retiring.swap_remove(index);
                 retiring.reap();
                 if !retiring.retired {
                     // It died holding requests the kernel still waits for.
-                    warn!(pid = retiring.pid, "the upgraded-from worker died before it finished; asking for a resend");
+                    warn!(pid = retiring.pid, "a worker replaced by an upgrade died before it finished; asking for a resend");
                     if let Err(error) = handover::send_message(self.worker.channel.as_fd(), &Message::Resend) {
                         warn!(%error, "cannot ask the worker to resend");
                     }
                 }
-                self.retiring = None;
-            }
-        }
-    }
-
-    /// Waits up to `timeout` for the worker an upgrade replaced to finish and exit.
-    fn finish_retiring(&mut self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while let Some(retiring) = &self.retiring {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let mut fds = [PollFd::new(retiring.channel.as_fd(), PollFlags::POLLIN)];
-            match poll(&mut fds, PollTimeout::try_from(left.as_millis() as i32).unwrap_or(PollTimeout::NONE)) {
-                Ok(0) => return,
-                Ok(_) => self.on_retiring_event(),
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(_) => return,
             }
         }
     }
@@ -286,78 +301,127 @@ impl Holder {
     fn answer_control(&mut self) {
         let Ok((stream, _)) = self.control.accept() else { return };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-        let reply = match handover::check_peer(stream.as_fd(), self.state.spec.owner_uid) {
-            Err(e) => ControlReply::Refused(e.to_string()),
+        let refused = match handover::check_peer(stream.as_fd(), self.state.spec.owner_uid) {
+            Err(e) => e.to_string(),
             Ok(_) => {
                 let mut line = String::new();
                 let _ = BufReader::new(&stream).read_line(&mut line);
                 match serde_json::from_str(&line) {
-                    Ok(ControlRequest::Upgrade { binary }) => match self.upgrade(binary) {
-                        Ok(pid) => ControlReply::Upgraded { pid },
-                        Err(why) => ControlReply::Refused(why),
+                    Ok(ControlRequest::Upgrade { binary }) => match self.start_upgrade(binary, stream) {
+                        Ok(()) => return,
+                        Err((why, stream)) => return reply(&stream, &ControlReply::Refused(why)),
                     },
-                    Err(e) => ControlReply::Refused(format!("bad request: {e}")),
+                    Err(e) => format!("bad request: {e}"),
                 }
             }
         };
-        let mut body = serde_json::to_vec(&reply).expect("reply serialises");
-        body.push(b'\n');
-        let _ = (&stream).write_all(&body);
+        reply(&stream, &ControlReply::Refused(refused));
     }
 
-    /// Hot upgrade: a worker from `binary` starts serving next to the current one, which is
-    /// then told to stop reading and finish what it holds. Nothing is resent, nothing
-    /// answered twice. If the new worker does not start, the current one serves on.
-    fn upgrade(&mut self, binary: PathBuf) -> Result<u32, String> {
-        self.finish_retiring(START_TIMEOUT);
-        if self.retiring.is_some() {
-            return Err("the worker replaced by the previous upgrade is still finishing its requests; try again".into());
+    /// Hot upgrade, first half: starts a worker from `binary` and hands it the fd and state.
+    /// The current worker serves on meanwhile, and the holder keeps watching it.
+    fn start_upgrade(&mut self, binary: PathBuf, client: UnixStream) -> Result<(), (String, UnixStream)> {
+        if self.upgrade.is_some() {
+            return Err(("another upgrade is in progress; try again".into(), client));
         }
         let mut state = self.state.clone();
         state.takeover = Takeover::Upgrade;
         state.upgrades += 1;
-        let new = start_worker(&binary, &state, self.fuse.as_fd()).map_err(|e| format!("the new worker did not start, the old one serves on: {e}"))?;
-        let pid = new.pid;
-        let old = std::mem::replace(&mut self.worker, new);
-        // If the old worker is already dead, the send fails; its death is seen as a retiring
-        // worker's (resend), not as the serving worker's (restart).
-        let _ = handover::send_message(old.channel.as_fd(), &Message::Retire);
-        self.retiring = Some(old);
-        self.state = state;
-        info!(pid, binary = %binary.display(), upgrades = self.state.upgrades, "upgraded");
-        self.binary = binary;
-        Ok(pid)
+        match launch(&binary, "worker", &state, self.fuse.as_fd()) {
+            Ok((channel, child)) => {
+                let worker = Worker::started(channel, child, None);
+                self.upgrade = Some(Upgrade { worker, binary, client, deadline: Instant::now() + START_TIMEOUT });
+                Ok(())
+            }
+            Err(e) => Err((format!("the new worker did not start, the old one serves on: {e}"), client)),
+        }
     }
+
+    /// Hot upgrade, second half: the new worker serves next to the current one, which is told
+    /// to stop reading and finish what it holds. Nothing is resent, nothing answered twice.
+    fn on_upgrade_event(&mut self) {
+        let Some(upgrade) = &self.upgrade else { return };
+        let why = match handover::receive_message(upgrade.worker.channel.as_fd()) {
+            Ok(Some(Message::Ready { .. })) => {
+                let upgrade = self.upgrade.take().expect("checked above");
+                let pid = upgrade.worker.pid;
+                let old = std::mem::replace(&mut self.worker, upgrade.worker);
+                // If the old worker is already dead, the send fails; its death is seen as a
+                // retiring worker's (resend), not as the serving worker's (restart).
+                let _ = handover::send_message(old.channel.as_fd(), &Message::Retire);
+                self.retiring.push(old);
+                self.state.upgrades += 1;
+                let history = Message::History {
+                    restarts: self.state.restarts,
+                    upgrades: self.state.upgrades,
+                    stalls_us: self.state.stalls_us.clone(),
+                    takeovers_measured: self.state.takeovers_measured,
+                };
+                let _ = handover::send_message(self.worker.channel.as_fd(), &history);
+                info!(pid, binary = %upgrade.binary.display(), upgrades = self.state.upgrades, "upgraded");
+                self.binary = upgrade.binary;
+                return reply(&upgrade.client, &ControlReply::Upgraded { pid });
+            }
+            Ok(Some(Message::Failed(why))) => why,
+            Ok(Some(other)) => format!("it said {other:?} instead of starting"),
+            Ok(None) => "it exited during start-up".into(),
+            Err(e) => format!("it answered with an {e}"),
+        };
+        self.abort_upgrade(why);
+    }
+
+    fn abort_upgrade(&mut self, why: String) {
+        let Some(mut upgrade) = self.upgrade.take() else { return };
+        if let Some(child) = upgrade.worker.child.as_mut() {
+            let _ = child.kill();
+        }
+        upgrade.worker.reap();
+        warn!(binary = %upgrade.binary.display(), why, "upgrade failed; the old worker serves on");
+        reply(&upgrade.client, &ControlReply::Refused(format!("the new worker did not start, the old one serves on: {why}")));
+    }
+}
+
+fn reply(client: &UnixStream, reply: &ControlReply) {
+    let mut body = serde_json::to_vec(reply).expect("reply serialises");
+    body.push(b'\n');
+    let _ = (&*client).write_all(&body);
 }
 
 /// Starts `binary worker` with a hand-over socket as its fd 3, hands it the state and the
 /// FUSE fd, and waits until it serves. On failure nothing is left running.
 fn start_worker(binary: &Path, state: &State, fuse: BorrowedFd<'_>) -> Result<Worker, MountError> {
-    let (ours, child) = start_with_handover(binary, "worker", state, fuse)?;
-    let pid = child.id();
+    let (channel, child) = start_with_handover(binary, "worker", state, fuse)?;
     let predecessor_died_at_ns = match state.takeover {
         Takeover::AfterDeath { died_at_ns } => Some(died_at_ns),
         Takeover::First | Takeover::Upgrade => None,
     };
-    Ok(Worker { pid, channel: ours, child: Some(child), answered: false, predecessor_died_at_ns, unmounted: false, retired: false })
+    Ok(Worker::started(channel, child, predecessor_died_at_ns))
 }
 
 /// Starts `binary subcommand` (a worker, or a holder to replace a dead one), hands it the
 /// state and the FUSE fd, and waits until it says it has taken over. Returns our end of the
 /// socket to it. On failure nothing is left running.
 pub(crate) fn start_with_handover(binary: &Path, subcommand: &str, state: &State, fuse: BorrowedFd<'_>) -> Result<(OwnedFd, Child), MountError> {
-    // A holder must outlive the worker that starts it: a session of its own.
-    let detach = subcommand == "holder";
-    let (ours, mut child) = spawn_with_channel(binary, subcommand, state.spec.log_level, detach)?;
-    let result = handover::send(ours.as_fd(), state, fuse)
-        .map_err(MountError::from)
-        .and_then(|()| await_ready(ours.as_fd(), subcommand));
-    if let Err(e) = result {
+    let (channel, mut child) = launch(binary, subcommand, state, fuse)?;
+    if let Err(e) = await_ready(channel.as_fd(), subcommand) {
         let _ = child.kill();
         let _ = child.wait();
         return Err(e);
     }
-    Ok((ours, child))
+    Ok((channel, child))
+}
+
+/// Starts `binary subcommand` and hands it the state and the FUSE fd; does not wait for it.
+fn launch(binary: &Path, subcommand: &str, state: &State, fuse: BorrowedFd<'_>) -> Result<(OwnedFd, Child), MountError> {
+    // A holder must outlive the worker that starts it: a session of its own.
+    let detach = subcommand == "holder";
+    let (channel, mut child) = spawn_with_channel(binary, subcommand, state.spec.log_level, detach)?;
+    if let Err(e) = handover::send(channel.as_fd(), state, fuse) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e.into());
+    }
+    Ok((channel, child))
 }
 
 /// Starts `binary [-v..] subcommand` with one end of a new SEQPACKET socket pair as its

@@ -164,6 +164,10 @@ fn follow_holder(session: &Session, link: &HolderLink) {
                     warn!(%error, "cannot ask the kernel to resend");
                 }
             }
+            Ok(Some(Message::History { restarts, upgrades, stalls_us, takeovers_measured })) => {
+                let mut state = link.state.lock().unwrap_or_else(|p| p.into_inner());
+                (state.restarts, state.upgrades, state.stalls_us, state.takeovers_measured) = (restarts, upgrades, stalls_us, takeovers_measured);
+            }
             Ok(Some(other)) => warn!(message = ?other, "unexpected message from the holder"),
             Ok(None) | Err(_) => {
                 if let Some(mut child) = our_holder.take() {

@@ -19,8 +19,8 @@ struct Cli {
 enum Command {
     /// Mount the dataset with an empty cache and kill or upgrade while readers check.
     Run {
-        /// nobody, worker, holder, alternate or upgrade.
-        #[arg(long, value_parser = |s: &str| Victim::parse(s).ok_or("nobody, worker, holder, alternate or upgrade"))]
+        /// nobody, worker, holder, alternate, upgrade or mixed.
+        #[arg(long, value_parser = |s: &str| Victim::parse(s).ok_or("nobody, worker, holder, alternate, upgrade or mixed"))]
         victim: Victim,
         #[arg(long, default_value_t = 50)]
         events: usize,
