@@ -342,7 +342,7 @@ pub fn run(dataset: &Dataset, reader_bin: &Path, plan: &Plan, cache: &Path) -> R
     let stop = dataset.root.join(format!("stop-{}", std::process::id()));
     let _ = fs::remove_file(&stop);
     let started = Instant::now();
-    let readers: Vec<Child> = (0..plan.readers)
+    let mut readers = Readers((0..plan.readers)
         .map(|i| {
             let kind = match i {
                 1 => ReaderKind::Mmap,
@@ -365,7 +365,7 @@ pub fn run(dataset: &Dataset, reader_bin: &Path, plan: &Plan, cache: &Path) -> R
                 .spawn()
                 .unwrap_or_else(|e| panic!("starting reader {}: {e}", reader_bin.display()))
         })
-        .collect();
+        .collect());
 
     let mut report = Report::default();
     let mut rng = 0x2545_f491_4f6c_dd1du64;
@@ -397,7 +397,7 @@ pub fn run(dataset: &Dataset, reader_bin: &Path, plan: &Plan, cache: &Path) -> R
     }
     count_resent_after_upgrade(&current_status(&mount), &mut upgraded, &mut report);
     fs::write(&stop, "").expect("stop file");
-    for (i, reader) in readers.into_iter().enumerate() {
+    for (i, reader) in std::mem::take(&mut readers.0).into_iter().enumerate() {
         let out = reader.wait_with_output().expect("waiting for a reader");
         let tally: Option<Value> = serde_json::from_slice(&out.stdout).ok();
         match tally {
@@ -419,6 +419,19 @@ pub fn run(dataset: &Dataset, reader_bin: &Path, plan: &Plan, cache: &Path) -> R
     assert_eq!(status["worker_restarts"].as_u64(), Some(report.worker_kills as u64), "every worker kill is one restart");
     assert_eq!(status["upgrades"].as_u64(), Some(report.upgrades as u64), "every upgrade counted");
     report
+}
+
+/// The reader processes; killed if the run ends early (a failed assertion), so that none
+/// outlives its test.
+struct Readers(Vec<Child>);
+
+impl Drop for Readers {
+    fn drop(&mut self) {
+        for reader in &mut self.0 {
+            let _ = reader.kill();
+            let _ = reader.wait();
+        }
+    }
 }
 
 /// Status of the mount, waiting out the instants when no worker answers (a takeover).

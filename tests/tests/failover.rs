@@ -35,6 +35,17 @@ fn next_worker(mount: &PhoenixMount, old: u32) -> (u32, Instant) {
     }
 }
 
+/// A fixture whose image holds one file, `file`, with `data`: (fixture root, image, store).
+fn one_file_image(name: &str, data: &[u8]) -> (PathBuf, PathBuf, PathBuf) {
+    let root = fixture_dir(name);
+    let src = root.join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("file"), data).unwrap();
+    let store = root.join("store");
+    let (image, _) = build_image(&src, &store, &root, &[]);
+    (root, image, store)
+}
+
 /// An image of one 100,000-byte file whose only chunk in the store is a fifo: a worker that
 /// reads it blocks until `feed` writes the real chunk.
 struct HeldRead {
@@ -48,13 +59,8 @@ struct HeldRead {
 impl HeldRead {
     /// Mounts it and starts a reader of the file, held by the serving worker.
     fn start(name: &str) -> HeldRead {
-        let root = fixture_dir(name);
-        let src = root.join("src");
-        fs::create_dir_all(&src).unwrap();
         let data = noise(77, 100_000);
-        fs::write(src.join("file"), &data).unwrap();
-        let store = root.join("store");
-        let (image, _) = build_image(&src, &store, &root, &[]);
+        let (root, image, store) = one_file_image(name, &data);
         let digest = hex::encode(Sha256::digest(&data));
         let chunk = store.join("chunks").join(&digest[..2]).join(&digest);
         let stored = fs::read(&chunk).unwrap();
@@ -145,13 +151,8 @@ fn a_worker_refuses_corrupt_state() {
 /// worker serves on; a good upgrade then replaces it without a resend.
 #[test]
 fn a_failed_upgrade_rolls_back() {
-    let root = fixture_dir("failover-upgrade");
-    let src = root.join("src");
-    fs::create_dir_all(&src).unwrap();
     let data = noise(5, 3 << 20);
-    fs::write(src.join("file"), &data).unwrap();
-    let store = root.join("store");
-    let (image, _) = build_image(&src, &store, &root, &[]);
+    let (root, image, store) = one_file_image("failover-upgrade", &data);
     let mount = PhoenixMount::new(&image, &store, &root.join("cache"), &[]);
     let worker = mount.worker_pid();
 
@@ -179,13 +180,8 @@ fn a_failed_upgrade_rolls_back() {
 /// once, and the upgrade still completes.
 #[test]
 fn a_worker_killed_during_a_slow_upgrade_is_replaced_at_once() {
-    let root = fixture_dir("failover-slow-upgrade");
-    let src = root.join("src");
-    fs::create_dir_all(&src).unwrap();
     let data = noise(9, 2 << 20);
-    fs::write(src.join("file"), &data).unwrap();
-    let store = root.join("store");
-    let (image, _) = build_image(&src, &store, &root, &[]);
+    let (root, image, store) = one_file_image("failover-slow-upgrade", &data);
     let slow = root.join("slow-phoenixfs");
     fs::write(&slow, format!("#!/bin/sh\nsleep 5\nexec {} \"$@\"\n", phoenixfs_bin().display())).unwrap();
     fs::set_permissions(&slow, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
