@@ -1,6 +1,7 @@
-//! The status socket: `/run/phoenixfs/<key>.sock`, where `key` is derived from the
-//! mountpoint's path, so `phoenixfs status MOUNTPOINT` finds it without a registry.
-//! Readable by root only (the directory is 0700).
+//! A mount's files in `/run/phoenixfs/`, named by a `key` derived from the mountpoint's path
+//! so that commands find them without a registry: the worker's status socket `<key>.sock`,
+//! the holder's control socket `<key>.holder`, the daemon's log `<key>.log`. Reachable by
+//! root only (the directory is 0700).
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
