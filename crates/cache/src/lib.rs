@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -226,14 +226,13 @@ impl ChunkCache {
         let path = self.chunk_path(&entry.digest);
         // Look on disk even when the index does not list the chunk: it may not be built yet,
         // or another process sharing the cache may have written it.
-        match fs::read(&path) {
-            Ok(mut file) if intact(&file, entry.length as usize) => {
+        match read_cached(&path, entry.length as usize) {
+            Ok(Some(data)) => {
                 self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
-                self.touch_disk(&entry.digest, file.len() as u64);
-                file.truncate(entry.length as usize);
-                return Ok(file.into());
+                self.touch_disk(&entry.digest, (data.len() + CRC_SIZE) as u64);
+                return Ok(data);
             }
-            Ok(_) => {
+            Ok(None) => {
                 warn!(chunk = %entry.digest, "cached chunk is corrupt; discarding it and fetching again");
                 self.stats.corrupt_discarded.fetch_add(1, Ordering::Relaxed);
                 self.forget_disk(&entry.digest);
@@ -374,9 +373,25 @@ const CRC_SIZE: usize = 4;
 /// Ticks of uses after opening start here; files found by `index_disk` get smaller ones.
 const FIRST_LIVE_TICK: u64 = 1 << 48;
 
-/// Whether a cache file holds `len` bytes of data followed by their crc32c.
-fn intact(file: &[u8], len: usize) -> bool {
-    file.len() == len + CRC_SIZE && file[len..] == crc32c::crc32c(&file[..len]).to_le_bytes()
+/// The `len` bytes of data in a cache file if it holds exactly them followed by their crc32c
+/// (`None` if it does not). Read straight into the shared buffer readers will get: one copy
+/// from the page cache, no more.
+fn read_cached(path: &Path, len: usize) -> io::Result<Option<Arc<[u8]>>> {
+    let mut file = fs::File::open(path)?;
+    if file.metadata()?.len() != (len + CRC_SIZE) as u64 {
+        return Ok(None);
+    }
+    // SAFETY: all-zero bytes are valid u8s.
+    let mut data = unsafe { Arc::<[u8]>::new_zeroed_slice(len).assume_init() };
+    let buf = Arc::get_mut(&mut data).expect("just allocated, not shared");
+    let mut crc = [0u8; CRC_SIZE];
+    match file.read_exact(buf).and_then(|()| file.read_exact(&mut crc)) {
+        Ok(()) if crc == crc32c::crc32c(buf).to_le_bytes() => Ok(Some(data)),
+        Ok(()) => Ok(None),
+        // Shorter than it said: torn under us.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]

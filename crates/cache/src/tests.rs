@@ -64,8 +64,8 @@ fn torn_and_flipped_cache_files_are_fetched_again() {
     assert_eq!(*cache.get(&flipped, &store).unwrap(), flipped_data[..]);
     assert_eq!(cache.stats.corrupt_discarded.load(Ordering::Relaxed), 2);
     assert_eq!(store.chunk_reads.load(Ordering::SeqCst), 4);
-    let repaired = fs::read(cache.chunk_path(&flipped.digest)).unwrap();
-    assert!(intact(&repaired, flipped_data.len()) && repaired[..flipped_data.len()] == flipped_data[..], "repaired on disk");
+    let repaired = read_cached(&cache.chunk_path(&flipped.digest), flipped_data.len()).unwrap();
+    assert_eq!(repaired.as_deref(), Some(&flipped_data[..]), "repaired on disk");
 }
 
 #[test]
