@@ -4,6 +4,8 @@
 //!
 //! Tests need root (mknod, chown, losetup, mount) and erofs-utils; `scripts/test` provides both.
 
+pub use phoenixfs_daemon::process_alive;
+
 pub mod chaos;
 pub mod kernel;
 pub mod mount;
@@ -19,15 +21,6 @@ pub fn phoenixfs_bin() -> PathBuf {
     let bin = profile_dir().join("phoenixfs");
     assert!(bin.exists(), "{} is missing: run `cargo build --workspace` before the tests (scripts/test does)", bin.display());
     bin
-}
-
-/// Whether `pid` is a live process (a zombie has exited; only its parent has yet to notice).
-pub fn process_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name, which may itself hold ") ".
-        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
-        Err(_) => false,
-    }
 }
 
 pub fn phoenixfs() -> Command {

@@ -23,5 +23,5 @@ mod worker;
 pub use control::{query_status, socket_path, Status};
 pub use fs::{FsStats, ImageFs};
 pub use holder::{request_upgrade, run_adopting_holder};
-pub use mount::{mount, phoenixfs_mountpoints, preflight, unmount, MountConfig, MountError, MountSpec, Prefetch, Unmounted};
+pub use mount::{mount, phoenixfs_mountpoints, preflight, process_alive, unmount, MountConfig, MountError, MountSpec, Prefetch, Unmounted};
 pub use worker::run_worker;

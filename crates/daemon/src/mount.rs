@@ -255,3 +255,12 @@ pub fn unmount(mountpoint: &Path) -> Result<Unmounted, MountError> {
         Err(e) => Err(bad(&e.to_string())),
     }
 }
+
+/// Whether `pid` is a live process (a zombie has exited; only its parent has yet to notice).
+pub fn process_alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may itself hold ") ".
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}

@@ -102,7 +102,7 @@ pub fn umount(mountpoint: &Path) -> Result<ExitCode> {
         Unmounted::Clean => {
             if let Some(pid) = holder {
                 let deadline = Instant::now() + Duration::from_secs(10);
-                while is_running(pid) && Instant::now() < deadline {
+                while phoenixfs_daemon::process_alive(pid) && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
@@ -111,11 +111,3 @@ pub fn umount(mountpoint: &Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Whether `pid` is a live process (a zombie has exited; only its parent has yet to notice).
-fn is_running(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name, which may itself hold ") ".
-        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
-        Err(_) => false,
-    }
-}
