@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use crate::control;
 use crate::handover::{self, monotonic_ns, Message, State, Takeover};
-use crate::mount::{set_kernel_readahead, MountError, MountSpec};
+use crate::mount::{set_kernel_readahead, spawn_thread, MountError, MountSpec};
 
 /// How long a starting worker may take to say it serves.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -219,7 +219,7 @@ impl Holder {
             if upgrade_event {
                 self.on_upgrade_event();
             } else if self.upgrade.as_ref().is_some_and(|u| Instant::now() >= u.deadline) {
-                self.abort_upgrade(format!("it did not start within {} s", START_TIMEOUT.as_secs()));
+                self.abort_upgrade(format!("the worker did not start within {} s", START_TIMEOUT.as_secs()));
             }
             if control_event {
                 self.answer_control();
@@ -341,8 +341,8 @@ impl Holder {
     /// to stop reading and finish what it holds. Nothing is resent, nothing answered twice.
     fn on_upgrade_event(&mut self) {
         let Some(upgrade) = &self.upgrade else { return };
-        let why = match handover::receive_message(upgrade.worker.channel.as_fd()) {
-            Ok(Some(Message::Ready { .. })) => {
+        match read_ready(upgrade.worker.channel.as_fd(), "worker") {
+            Ok(()) => {
                 let upgrade = self.upgrade.take().expect("checked above");
                 let pid = upgrade.worker.pid;
                 let old = std::mem::replace(&mut self.worker, upgrade.worker);
@@ -360,22 +360,17 @@ impl Holder {
                 let _ = handover::send_message(self.worker.channel.as_fd(), &history);
                 info!(pid, binary = %upgrade.binary.display(), upgrades = self.state.upgrades, "upgraded");
                 self.binary = upgrade.binary;
-                return reply(&upgrade.client, &ControlReply::Upgraded { pid });
+                reply(&upgrade.client, &ControlReply::Upgraded { pid });
             }
-            Ok(Some(Message::Failed(why))) => why,
-            Ok(Some(other)) => format!("it said {other:?} instead of starting"),
-            Ok(None) => "it exited during start-up".into(),
-            Err(e) => format!("it answered with an {e}"),
-        };
-        self.abort_upgrade(why);
+            Err(e) => self.abort_upgrade(e.to_string()),
+        }
     }
 
     fn abort_upgrade(&mut self, why: String) {
         let Some(mut upgrade) = self.upgrade.take() else { return };
         if let Some(child) = upgrade.worker.child.as_mut() {
-            let _ = child.kill();
+            discard(child);
         }
-        upgrade.worker.reap();
         warn!(binary = %upgrade.binary.display(), why, "upgrade failed; the old worker serves on");
         reply(&upgrade.client, &ControlReply::Refused(format!("the new worker did not start, the old one serves on: {why}")));
     }
@@ -404,8 +399,7 @@ fn start_worker(binary: &Path, state: &State, fuse: BorrowedFd<'_>) -> Result<Wo
 pub(crate) fn start_with_handover(binary: &Path, subcommand: &str, state: &State, fuse: BorrowedFd<'_>) -> Result<(OwnedFd, Child), MountError> {
     let (channel, mut child) = launch(binary, subcommand, state, fuse)?;
     if let Err(e) = await_ready(channel.as_fd(), subcommand) {
-        let _ = child.kill();
-        let _ = child.wait();
+        discard(&mut child);
         return Err(e);
     }
     Ok((channel, child))
@@ -417,11 +411,16 @@ fn launch(binary: &Path, subcommand: &str, state: &State, fuse: BorrowedFd<'_>) 
     let detach = subcommand == "holder";
     let (channel, mut child) = spawn_with_channel(binary, subcommand, state.spec.log_level, detach)?;
     if let Err(e) = handover::send(channel.as_fd(), state, fuse) {
-        let _ = child.kill();
-        let _ = child.wait();
+        discard(&mut child);
         return Err(e.into());
     }
     Ok((channel, child))
+}
+
+/// Kills and reaps a process that failed to take over, so nothing of it is left.
+fn discard(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Starts `binary [-v..] subcommand` with one end of a new SEQPACKET socket pair as its
@@ -464,6 +463,11 @@ fn await_ready(channel: BorrowedFd<'_>, what: &str) -> Result<(), MountError> {
     if !matches!(poll(&mut fds, timeout), Ok(n) if n > 0) {
         return Err(MountError::Daemon(format!("the {what} did not start within {} s", START_TIMEOUT.as_secs())));
     }
+    read_ready(channel, what)
+}
+
+/// Reads a started process's first message, which has arrived: `Ready`, or why it failed.
+fn read_ready(channel: BorrowedFd<'_>, what: &str) -> Result<(), MountError> {
     match handover::receive_message(channel) {
         Ok(Some(Message::Ready { .. })) => Ok(()),
         Ok(Some(Message::Failed(why))) => Err(MountError::Daemon(why)),
@@ -520,14 +524,10 @@ fn spawn_signal_thread(mountpoint: &Path) -> Result<(), MountError> {
     let signals = SigSet::from_iter([Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP]);
     let _ = signals.thread_block();
     let mountpoint = mountpoint.to_path_buf();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Ok(signal) = signals.wait() {
-                info!(%signal, "unmounting");
-                let _ = umount2(&mountpoint, MntFlags::MNT_DETACH);
-            }
-        })
-        .map(drop)
-        .map_err(|source| MountError::Io { what: "spawning the signal thread".into(), source })
+    spawn_thread("signals", move || {
+        if let Ok(signal) = signals.wait() {
+            info!(%signal, "unmounting");
+            let _ = umount2(&mountpoint, MntFlags::MNT_DETACH);
+        }
+    })
 }

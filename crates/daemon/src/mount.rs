@@ -256,6 +256,15 @@ pub fn unmount(mountpoint: &Path) -> Result<Unmounted, MountError> {
     }
 }
 
+/// Starts a named daemon thread; failing to is an error of the daemon's start-up.
+pub(crate) fn spawn_thread(name: &str, body: impl FnOnce() + Send + 'static) -> Result<(), MountError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(body)
+        .map(drop)
+        .map_err(|source| MountError::Io { what: format!("spawning the {name} thread"), source })
+}
+
 /// Whether `pid` is a live process (a zombie has exited; only its parent has yet to notice).
 pub fn process_alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {

@@ -19,7 +19,7 @@ use crate::control::{self, Status};
 use crate::fs::ImageFs;
 use crate::handover::{self, monotonic_ns, Message, State, Takeover};
 use crate::holder::{set_cloexec, start_with_handover};
-use crate::mount::{MountError, Prefetch};
+use crate::mount::{spawn_thread, MountError, Prefetch};
 
 /// The worker's side of its link to the holder; replaced when the holder dies.
 struct HolderLink {
@@ -74,10 +74,7 @@ pub fn run_worker() -> Result<(), MountError> {
     link.tell(&Message::Ready { pid: std::process::id() });
     {
         let (session, link) = (session.clone(), link.clone());
-        std::thread::Builder::new()
-            .name("holder-link".into())
-            .spawn(move || follow_holder(&session, &link))
-            .map_err(|source| MountError::Io { what: "spawning the holder-link thread".into(), source })?;
+        spawn_thread("holder-link", move || follow_holder(&session, &link))?;
     }
     let ended = session.serve(fs, threads)?;
     link.leaving.store(true, Ordering::SeqCst);
@@ -100,18 +97,15 @@ fn start_serving(state: &State, session: &Session) -> Result<Arc<ImageFs>, Mount
     let cache = Arc::new(ChunkCache::open_unindexed(&spec.cache_dir, spec.cache_limit, spec.memory_limit)?);
     {
         let cache = cache.clone();
-        std::thread::Builder::new()
-            .name("cache-index".into())
-            .spawn(move || {
-                // After the takeover's rush, at the lowest priority: a worker killed again
-                // within the second has spent nothing on it.
-                std::thread::sleep(Duration::from_secs(1));
-                lowest_priority_for_this_thread();
-                if let Err(error) = cache.index_disk() {
-                    warn!(%error, "cannot index the cache directory; its size limit is not enforced for what it held");
-                }
-            })
-            .map_err(|source| MountError::Io { what: "spawning the cache-index thread".into(), source })?;
+        spawn_thread("cache-index", move || {
+            // After the takeover's rush, at the lowest priority: a worker killed again within
+            // the second has spent nothing on it.
+            std::thread::sleep(Duration::from_secs(1));
+            lowest_priority_for_this_thread();
+            if let Err(error) = cache.index_disk() {
+                warn!(%error, "cannot index the cache directory; its size limit is not enforced for what it held");
+            }
+        })?;
     }
     // Resending is harmless for the first worker (nothing was read) and wrong for an upgrade
     // (the old worker still answers what it read).
@@ -122,10 +116,7 @@ fn start_serving(state: &State, session: &Session) -> Result<Arc<ImageFs>, Mount
     let fs = ImageFs::new(Arc::new(image), Arc::new(store), cache, spec.readahead);
     if state.takeover == Takeover::First && spec.prefetch != Prefetch::Nothing {
         let (fs, prefetch, progress) = (fs.clone(), spec.prefetch.clone(), spec.progress);
-        std::thread::Builder::new()
-            .name("prefetch".into())
-            .spawn(move || prefetch_chunks(&fs, &prefetch, progress))
-            .map_err(|source| MountError::Io { what: "spawning the prefetch thread".into(), source })?;
+        spawn_thread("prefetch", move || prefetch_chunks(&fs, &prefetch, progress))?;
     }
     info!(mountpoint = %spec.mountpoint.display(), image = %image_id, takeover = ?state.takeover, "worker serving");
     Ok(fs)
