@@ -135,8 +135,8 @@ fn a_worker_refuses_corrupt_state() {
     let mut child = command.spawn().unwrap();
     drop(theirs);
     let devnull = File::open("/dev/null").unwrap();
-    let garbage = b"PHXSTATE\x02\x00\x00\x00\x05\x00\x00\x00{}{}}not-a-checksum-not-a-checksum-xx";
-    sendmsg::<UnixAddr>(ours.as_raw_fd(), &[IoSlice::new(garbage)], &[ControlMessage::ScmRights(&[devnull.as_raw_fd()])], MsgFlags::empty(), None).unwrap();
+    let garbage = b"PHXSTATE\x03\x00\x00\x00\x05\x00\x00\x00{}{}}not-a-checksum-not-a-checksum-xx";
+    sendmsg::<UnixAddr>(ours.as_raw_fd(), &[IoSlice::new(garbage)], &[ControlMessage::ScmRights(&[devnull.as_raw_fd(), devnull.as_raw_fd()])], MsgFlags::empty(), None).unwrap();
     let status = child.wait().unwrap();
     let mut stderr = String::new();
     child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();

@@ -148,6 +148,8 @@ impl Filesystem for ImageFs {
         }
         let bootstrap = &self.image.bootstrap;
         let extents = bootstrap.extents(&inode, offset, size.into()).map_err(|e| self.corrupt(e))?;
+        #[cfg(feature = "failpoints")]
+        crate::failpoints::panic_in_read();
         self.readahead.on_read(&inode, offset, size.into());
         let mut pieces = Vec::with_capacity(extents.len());
         for extent in extents {

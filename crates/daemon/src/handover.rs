@@ -1,7 +1,8 @@
 //! What a holder and a worker say over their Unix SEQPACKET socket: first the hand-over (the
-//! FUSE fd by SCM_RIGHTS and the session state, versioned and checksummed so that a process
-//! given state it cannot read refuses loudly instead of serving wrong answers), then small
-//! [`Message`]s both ways. The socket closing is how each learns the other died.
+//! session's fds by SCM_RIGHTS — the FUSE connection, the verified image, the shared chunk
+//! memory — and the session state, versioned and checksummed so that a process given state it
+//! cannot read refuses loudly instead of serving wrong answers), then small [`Message`]s both
+//! ways. The socket closing is how each learns the other died.
 //!
 //! ```text
 //! "PHXSTATE" | version u32 LE | json length u32 LE | json | sha256(json)
@@ -16,10 +17,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::mount::MountSpec;
+use crate::spec::MountSpec;
 
 const MAGIC: &[u8; 8] = b"PHXSTATE";
-pub const STATE_VERSION: u32 = 2;
+pub const STATE_VERSION: u32 = 3;
 const MAX_STATE: usize = 1 << 16;
 /// How many takeover stalls the state remembers.
 const STALLS_KEPT: usize = 16;
@@ -28,6 +29,10 @@ const STALLS_KEPT: usize = 16;
 pub struct State {
     pub params: SessionParams,
     pub spec: MountSpec,
+    /// The id of the image in the image memfd, verified by the mount's first holder.
+    pub image_id: String,
+    /// When the receiving process was launched (CLOCK_MONOTONIC), for its start-up time.
+    pub launched_at_ns: u64,
     /// Workers started after a predecessor died.
     pub restarts: u64,
     /// Workers started by `phoenixfs upgrade`.
@@ -83,12 +88,6 @@ pub enum Message {
     History { restarts: u64, upgrades: u64, stalls_us: Vec<u64>, takeovers_measured: u64 },
 }
 
-/// Now on CLOCK_MONOTONIC in nanoseconds: one clock for all processes of a mount.
-pub fn monotonic_ns() -> u64 {
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap_or(nix::sys::time::TimeSpec::new(0, 0));
-    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
-}
-
 #[derive(Debug, Error)]
 pub enum HandoverError {
     #[error("refusing session state: {0}")]
@@ -99,8 +98,8 @@ pub enum HandoverError {
     Socket(nix::errno::Errno),
     #[error("unreadable message {0:?}")]
     Garbled(String),
-    #[error("hand-over carried no FUSE file descriptor")]
-    NoFd,
+    #[error("hand-over carried {0} file descriptors, not 2 or 3 (FUSE, image, chunk memory)")]
+    Fds(usize),
     #[error("the other end of the hand-over socket is uid {0}, neither root nor the mount's owner")]
     Stranger(u32),
 }
@@ -136,34 +135,56 @@ pub fn decode(bytes: &[u8]) -> Result<State, HandoverError> {
     serde_json::from_slice(json).map_err(|e| HandoverError::Corrupt(e.to_string()))
 }
 
-/// Sends the state and the FUSE fd as one message.
-pub fn send(socket: BorrowedFd<'_>, state: &State, fuse: BorrowedFd<'_>) -> Result<(), HandoverError> {
+/// What every process of a mount holds and passes on: the FUSE connection, the verified
+/// image (a sealed memfd), and the chunk memory shared by worker generations (a memfd; none
+/// when the mount has no memory cache).
+pub struct SessionFds {
+    pub fuse: OwnedFd,
+    pub image: OwnedFd,
+    pub chunks: Option<OwnedFd>,
+}
+
+impl SessionFds {
+    fn raw(&self) -> Vec<RawFd> {
+        let mut fds = vec![self.fuse.as_raw_fd(), self.image.as_raw_fd()];
+        fds.extend(self.chunks.as_ref().map(AsRawFd::as_raw_fd));
+        fds
+    }
+}
+
+/// Sends the state and the session's fds as one message.
+pub fn send(socket: BorrowedFd<'_>, state: &State, fds: &SessionFds) -> Result<(), HandoverError> {
     let bytes = encode(state);
-    let fds = [fuse.as_raw_fd()];
-    sendmsg::<UnixAddr>(socket.as_raw_fd(), &[IoSlice::new(&bytes)], &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None)
+    let raw = fds.raw();
+    sendmsg::<UnixAddr>(socket.as_raw_fd(), &[IoSlice::new(&bytes)], &[ControlMessage::ScmRights(&raw)], MsgFlags::empty(), None)
         .map_err(HandoverError::Socket)?;
     Ok(())
 }
 
-/// Receives what `send` sent: the FUSE fd, and the state (checked).
-pub fn receive(socket: BorrowedFd<'_>) -> Result<(State, OwnedFd), HandoverError> {
+/// Receives what `send` sent: the session's fds, and the state (checked).
+pub fn receive(socket: BorrowedFd<'_>) -> Result<(State, SessionFds), HandoverError> {
     let mut buf = vec![0u8; MAX_STATE];
-    let mut space = nix::cmsg_space!([RawFd; 1]);
-    let (len, fd) = {
+    let mut space = nix::cmsg_space!([RawFd; 3]);
+    let (len, mut fds) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
         let msg = recvmsg::<UnixAddr>(socket.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
             .map_err(HandoverError::Socket)?;
-        let mut fd = None;
+        let mut fds = Vec::new();
         for cmsg in msg.cmsgs().map_err(HandoverError::Socket)? {
-            if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            if let ControlMessageOwned::ScmRights(raw) = cmsg {
                 // SAFETY: SCM_RIGHTS just installed these descriptors in this process; we own them.
-                fd = fds.first().map(|&raw| unsafe { OwnedFd::from_raw_fd(raw) });
+                fds.extend(raw.into_iter().map(|raw| unsafe { OwnedFd::from_raw_fd(raw) }));
             }
         }
-        (msg.bytes, fd)
+        (msg.bytes, fds)
     };
-    let fd = fd.ok_or(HandoverError::NoFd)?;
-    Ok((decode(&buf[..len])?, fd))
+    if !(2..=3).contains(&fds.len()) {
+        return Err(HandoverError::Fds(fds.len()));
+    }
+    let chunks = (fds.len() == 3).then(|| fds.pop().expect("three fds"));
+    let image = fds.pop().expect("two fds");
+    let fuse = fds.pop().expect("one fd");
+    Ok((decode(&buf[..len])?, SessionFds { fuse, image, chunks }))
 }
 
 /// Sends one message; fails when the other side is gone.
@@ -207,6 +228,8 @@ mod tests {
         State {
             params: SessionParams { kernel_minor: 45, minor: 40, kernel_flags: 1 << 39, flags: 1, max_readahead: 131072, max_write: 1 << 20, max_pages: 256 },
             spec: MountSpec::for_tests(),
+            image_id: "ab".repeat(32),
+            launched_at_ns: 5,
             restarts: 3,
             upgrades: 1,
             holder_pid: 42,
@@ -227,8 +250,8 @@ mod tests {
         }
         assert!(decode(&bytes[..bytes.len() - 1]).is_err());
         let mut future = bytes.clone();
-        future[8] = 3;
-        assert!(matches!(decode(&future), Err(HandoverError::Version(3))));
+        future[8] = 4;
+        assert!(matches!(decode(&future), Err(HandoverError::Version(4))));
     }
 
     #[test]

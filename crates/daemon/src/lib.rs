@@ -3,25 +3,40 @@
 //! Owns: [`ImageFs`], the read-only file system over one image (nodeids and attributes come
 //! from the image alone: nodeid = EROFS nid + 2, root = 1); readahead and prefetch; the status
 //! socket; and the mount lifecycle: checks, mount, backgrounding, the holder that keeps the
-//! FUSE fd and session state and restarts or upgrades the worker, the worker that takes over
-//! (with FUSE_NOTIFY_RESEND after a death) and serves and replaces a dead holder, unmount.
-//! The binary must offer hidden `worker` and `holder` subcommands calling [`run_worker`]
-//! and [`run_adopting_holder`].
+//! session (FUSE fd, verified image, shared chunk memory, negotiated parameters) and restarts
+//! or upgrades the worker, the worker that takes over (with FUSE_NOTIFY_RESEND after a death)
+//! and serves and replaces a dead holder, unmount. The binary must offer hidden `worker` and
+//! `holder` subcommands calling [`run_worker`] and [`run_adopting_holder`].
 //!
 //! Must never: keep state a new process could not rebuild from the image (no inode table, no
-//! file handles), serve a byte that was not verified, or panic on input from the kernel, the
-//! image, the cache or the store.
+//! file handles), serve a byte that was not verified, do work that grows with the image or
+//! the cache before a new worker serves, or panic on input from the kernel, the image, the
+//! cache or the store (and a panic anyway ends the worker, which is then replaced).
+//!
+//! Modules depend one way: `mount` → `holder` → `handover` → `spec`; `worker` → `holder`'s
+//! launcher; `os`, `error`, `mounttable` and `status` are leaves.
 
-mod control;
+mod error;
+#[cfg(feature = "failpoints")]
+mod failpoints;
 mod fs;
 mod handover;
 mod holder;
+mod image_memory;
 mod mount;
+mod mounttable;
+mod os;
 mod readahead;
+mod spec;
+mod status;
 mod worker;
 
-pub use control::{query_status, socket_path, Status};
+pub use error::{MountError, StartError};
 pub use fs::{FsStats, ImageFs};
 pub use holder::{request_upgrade, run_adopting_holder};
-pub use mount::{mount, phoenixfs_mountpoints, preflight, process_alive, unmount, MountConfig, MountError, MountSpec, Prefetch, Unmounted};
+pub use mount::{mount, preflight, unmount, MountConfig, Unmounted};
+pub use mounttable::phoenixfs_mountpoints;
+pub use os::process_alive;
+pub use spec::{MountSpec, Prefetch};
+pub use status::{query_status, socket_path, Status};
 pub use worker::run_worker;

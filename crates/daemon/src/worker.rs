@@ -10,16 +10,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use phoenixfs_cache::ChunkCache;
-use phoenixfs_format::{ExtentTarget, InodeKind};
+use phoenixfs_format::{ExtentTarget, ImageId, InodeKind};
 use phoenixfs_fuse::{Ended, Session};
-use phoenixfs_store::{load_image, LocalStore};
+use phoenixfs_store::LocalStore;
 use tracing::{info, warn};
 
-use crate::control::{self, Status};
+use crate::error::MountError;
 use crate::fs::ImageFs;
-use crate::handover::{self, monotonic_ns, Message, State, Takeover};
-use crate::holder::{set_cloexec, start_with_handover};
-use crate::mount::{spawn_thread, MountError, Prefetch};
+use crate::handover::{self, Message, SessionFds, State, Takeover};
+use crate::holder::{start_with_handover, Role};
+use crate::image_memory;
+use crate::os::{lowest_priority_for_this_thread, monotonic_ns, rss_bytes, set_cloexec, spawn_thread};
+use crate::spec::Prefetch;
+use crate::status::{self, Status};
 
 /// The worker's side of its link to the holder; replaced when the holder dies.
 struct HolderLink {
@@ -29,6 +32,9 @@ struct HolderLink {
     state: Mutex<State>,
     /// Set once the worker is retiring or the mount is gone: no new holder then.
     leaving: AtomicBool,
+    /// The session's memory objects, to hand a new holder (the FUSE fd is the session's).
+    image: OwnedFd,
+    chunks: Option<OwnedFd>,
 }
 
 impl HolderLink {
@@ -45,17 +51,19 @@ impl HolderLink {
 
 /// The hidden `worker` subcommand. Refuses state it cannot read.
 pub fn run_worker() -> Result<(), MountError> {
+    die_on_panic();
     // SAFETY: the holder started this process with the hand-over socket as fd 3, and nothing
     // else in this process owns fd 3.
     let channel = unsafe { OwnedFd::from_raw_fd(3) };
     set_cloexec(channel.as_fd());
-    let started = handover::receive(channel.as_fd()).map_err(MountError::from).and_then(|(state, fuse)| {
+    let started = handover::receive(channel.as_fd()).map_err(MountError::from).and_then(|(state, fds)| {
         handover::check_peer(channel.as_fd(), state.spec.owner_uid)?;
+        let SessionFds { fuse, image, chunks } = fds;
         let session = Arc::new(Session::resume(fuse, state.params));
-        let fs = start_serving(&state, &session)?;
-        Ok((state, session, fs))
+        let fs = start_serving(&state, &session, &image)?;
+        Ok((state, session, fs, image, chunks))
     });
-    let (state, session, fs) = match started {
+    let (state, session, fs, image, chunks) = match started {
         Ok(started) => started,
         Err(e) => {
             let _ = handover::send_message(channel.as_fd(), &Message::Failed(e.to_string()));
@@ -68,10 +76,14 @@ pub fn run_worker() -> Result<(), MountError> {
         holder_pid: AtomicU32::new(state.holder_pid),
         state: Mutex::new(state),
         leaving: AtomicBool::new(false),
+        image,
+        chunks,
     });
     watch_first_reply(&session, &link);
-    serve_status(&session, &fs, &link)?;
+    let start_us = monotonic_ns().saturating_sub(link.state.lock().unwrap_or_else(|p| p.into_inner()).launched_at_ns) / 1000;
+    serve_status(&session, &fs, &link, start_us)?;
     link.tell(&Message::Ready { pid: std::process::id() });
+    info!(start_ms = start_us as f64 / 1000.0, "serving: from launch to ready");
     {
         let (session, link) = (session.clone(), link.clone());
         spawn_thread("holder-link", move || follow_holder(&session, &link))?;
@@ -88,12 +100,25 @@ pub fn run_worker() -> Result<(), MountError> {
     Ok(())
 }
 
-/// Loads the image, store and cache the state names, and resends a dead predecessor's
-/// requests; everything before the first read.
-fn start_serving(state: &State, session: &Session) -> Result<Arc<ImageFs>, MountError> {
+/// A panic anywhere in a worker ends the worker, as a death: the holder replaces it and the
+/// kernel resends what it held. A thread that unwound alone would leave the worker a thread
+/// short and its requests unanswered.
+fn die_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
+}
+
+/// Maps the image, opens the store and cache the state names, and resends a dead
+/// predecessor's requests; everything before the first read. Nothing here grows with the
+/// image or the cache: a takeover costs the same at any size.
+fn start_serving(state: &State, session: &Session, image: &OwnedFd) -> Result<Arc<ImageFs>, MountError> {
     let spec = &state.spec;
-    let store = LocalStore::open(&spec.store).map_err(|e| MountError::Daemon(e.to_string()))?;
-    let image = load_image(&spec.image, Some(&store)).map_err(|e| MountError::Daemon(e.to_string()))?;
+    let store = LocalStore::open(&spec.store)?;
+    let image_id: ImageId = state.image_id.parse().map_err(|_| MountError::ImageMemory(format!("the state names no image id ({:?})", state.image_id)))?;
+    let image = image_memory::map(image, image_id)?;
     let cache = Arc::new(ChunkCache::open_unindexed(&spec.cache_dir, spec.cache_limit, spec.memory_limit)?);
     {
         let cache = cache.clone();
@@ -112,13 +137,12 @@ fn start_serving(state: &State, session: &Session) -> Result<Arc<ImageFs>, Mount
     if state.params.has_resend() && state.takeover != Takeover::Upgrade {
         session.notify_resend()?;
     }
-    let image_id = image.id;
     let fs = ImageFs::new(Arc::new(image), Arc::new(store), cache, spec.readahead);
     if state.takeover == Takeover::First && spec.prefetch != Prefetch::Nothing {
         let (fs, prefetch, progress) = (fs.clone(), spec.prefetch.clone(), spec.progress);
         spawn_thread("prefetch", move || prefetch_chunks(&fs, &prefetch, progress))?;
     }
-    info!(mountpoint = %spec.mountpoint.display(), image = %image_id, takeover = ?state.takeover, "worker serving");
+    info!(mountpoint = %spec.mountpoint.display(), image = %state.image_id, takeover = ?state.takeover, "worker serving");
     Ok(fs)
 }
 
@@ -190,25 +214,34 @@ fn replace_holder(session: &Session, link: &HolderLink) -> Child {
 }
 
 fn start_holder(session: &Session, link: &HolderLink) -> Result<Child, MountError> {
-    let binary = std::env::current_exe().map_err(|source| MountError::Io { what: "finding this binary".into(), source })?;
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source: std::io::Error| MountError::Io { what, source }
+    };
+    let binary = std::env::current_exe().map_err(io("finding this binary"))?;
     let state = link.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let (channel, child) = start_with_handover(&binary, "holder", &state, session.fd())?;
+    let fds = SessionFds {
+        fuse: session.fd().try_clone_to_owned().map_err(io("duplicating the FUSE fd"))?,
+        image: link.image.try_clone().map_err(io("duplicating the image memfd"))?,
+        chunks: link.chunks.as_ref().map(OwnedFd::try_clone).transpose().map_err(io("duplicating the chunk memfd"))?,
+    };
+    let (channel, child) = start_with_handover(&binary, Role::Holder, &state, &fds)?;
     link.holder_pid.store(child.id(), Ordering::Relaxed);
     *link.channel.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(channel);
     info!(pid = child.id(), "a new holder holds the mount");
     Ok(child)
 }
 
-fn serve_status(session: &Arc<Session>, fs: &Arc<ImageFs>, link: &Arc<HolderLink>) -> Result<(), MountError> {
+fn serve_status(session: &Arc<Session>, fs: &Arc<ImageFs>, link: &Arc<HolderLink>, start_us: u64) -> Result<(), MountError> {
     let (session, fs, link) = (session.clone(), fs.clone(), link.clone());
     let (spec, log) = {
         let state = link.state.lock().unwrap_or_else(|p| p.into_inner());
-        let log = if nix::unistd::isatty(2).unwrap_or(false) { "stderr".to_string() } else { control::log_path(&state.spec.mountpoint).display().to_string() };
+        let log = if nix::unistd::isatty(2).unwrap_or(false) { "stderr".to_string() } else { status::log_path(&state.spec.mountpoint).display().to_string() };
         (state.spec.clone(), log)
     };
     let store_location = fs.store.location();
     let mountpoint = spec.mountpoint.clone();
-    control::serve(&mountpoint, move || {
+    status::serve(&mountpoint, move || {
         let state = link.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let cache = &fs.cache;
         let (cache_chunks, cache_bytes) = cache.disk_usage();
@@ -240,6 +273,10 @@ fn serve_status(session: &Arc<Session>, fs: &Arc<ImageFs>, link: &Arc<HolderLink
             log: log.clone(),
             fuse_kernel_minor: state.params.kernel_minor,
             fuse_resend_supported: state.params.has_resend(),
+            worker_start_ms: start_us as f64 / 1000.0,
+            worker_rss_bytes: rss_bytes(std::process::id()).unwrap_or(0),
+            holder_rss_bytes: rss_bytes(link.holder_pid.load(Ordering::Relaxed)).unwrap_or(0),
+            image_memory_bytes: fs.image.bootstrap.bytes().len() as u64,
         }
     })
     .map(drop)
@@ -295,10 +332,4 @@ fn prefetch_chunks(fs: &ImageFs, prefetch: &Prefetch, progress: bool) {
         eprintln!();
     }
     info!(chunks = total, "prefetch done");
-}
-
-/// Background work (prefetch, indexing) yields the CPU to serving requests.
-fn lowest_priority_for_this_thread() {
-    // SAFETY: setpriority with who = 0 changes only the calling thread on Linux.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
 }

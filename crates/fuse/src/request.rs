@@ -91,9 +91,23 @@ pub enum ParseError {
     #[error("request shorter than its header ({0} bytes)")]
     ShortHeader(usize),
     #[error("request length {declared} does not match {read} bytes read")]
-    Length { declared: u32, read: usize },
+    Length { declared: u32, read: usize, opcode: u32, unique: u64 },
     #[error("opcode {opcode}: argument too short")]
     ShortArgument { opcode: u32, unique: u64 },
+}
+
+impl ParseError {
+    /// The request to answer with an error: every malformed request whose header could be
+    /// read, except the kinds the kernel never waits an answer for.
+    pub fn unique_to_answer(&self) -> Option<u64> {
+        match *self {
+            ParseError::ShortHeader(_) => None,
+            ParseError::Length { opcode, unique, .. } | ParseError::ShortArgument { opcode, unique } => {
+                const NEVER_ANSWERED: [u32; 4] = [opcode::FORGET, opcode::BATCH_FORGET, opcode::INTERRUPT, opcode::NOTIFY_REPLY];
+                (!NEVER_ANSWERED.contains(&opcode)).then_some(unique)
+            }
+        }
+    }
 }
 
 fn arg<T: FromBytes>(body: &[u8], opcode: u32, unique: u64) -> Result<(T, &[u8]), ParseError> {
@@ -110,7 +124,7 @@ fn name(body: &[u8], opcode: u32, unique: u64) -> Result<&[u8], ParseError> {
 pub fn parse(buf: &[u8]) -> Result<Request<'_>, ParseError> {
     let (header, body) = abi::fuse_in_header::read_from_prefix(buf).map_err(|_| ParseError::ShortHeader(buf.len()))?;
     if header.len as usize != buf.len() {
-        return Err(ParseError::Length { declared: header.len, read: buf.len() });
+        return Err(ParseError::Length { declared: header.len, read: buf.len(), opcode: header.opcode, unique: header.unique });
     }
     let (opcode, unique) = (header.opcode, header.unique);
     let op = match opcode {
@@ -215,6 +229,18 @@ mod tests {
         assert!(matches!(parse(&bytes), Err(ParseError::Length { .. })));
         assert!(matches!(parse(&request(opcode::LOOKUP, 1, 1, b"no-nul")), Err(ParseError::ShortArgument { .. })));
         assert!(matches!(parse(&request(opcode::READ, 1, 1, &[0; 8])), Err(ParseError::ShortArgument { .. })));
+    }
+
+    #[test]
+    fn malformed_requests_are_answered_unless_the_kernel_expects_no_answer() {
+        let mut long = request(opcode::GETATTR, 77, 1, &[0; 16]);
+        long.push(0);
+        assert_eq!(parse(&long).unwrap_err().unique_to_answer(), Some(77));
+        assert_eq!(parse(&request(opcode::READ, 78, 1, &[0; 8])).unwrap_err().unique_to_answer(), Some(78));
+        let mut forget = request(opcode::FORGET, 79, 1, &[0; 8]);
+        forget.push(0);
+        assert_eq!(parse(&forget).unwrap_err().unique_to_answer(), None);
+        assert_eq!(parse(&[0u8; 10]).unwrap_err().unique_to_answer(), None);
     }
 
     #[test]

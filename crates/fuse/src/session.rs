@@ -324,7 +324,7 @@ impl Session {
                 }
                 Err(error) => {
                     warn!(%error, "malformed FUSE request");
-                    if let crate::request::ParseError::ShortArgument { unique, .. } = error {
+                    if let Some(unique) = error.unique_to_answer() {
                         self.send(unique, -libc::EIO, &[]);
                     }
                 }

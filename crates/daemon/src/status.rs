@@ -53,6 +53,14 @@ pub struct Status {
     pub log: String,
     pub fuse_kernel_minor: u32,
     pub fuse_resend_supported: bool,
+    /// This worker's start-up: from its launch by the holder to serving.
+    pub worker_start_ms: f64,
+    /// Resident memory of the worker and the holder (pages of the shared image and chunk
+    /// memory count in each process that touched them).
+    pub worker_rss_bytes: u64,
+    pub holder_rss_bytes: u64,
+    /// The verified image all processes of the mount share (one copy, a sealed memfd).
+    pub image_memory_bytes: u64,
 }
 
 /// The socket of the mount at `mountpoint` (an absolute, canonical path).

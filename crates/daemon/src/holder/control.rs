@@ -1,0 +1,83 @@
+//! The holder's control protocol: `phoenixfs upgrade` connects to `/run/phoenixfs/<key>.holder`,
+//! writes one JSON line, and reads one JSON line back once the upgrade is done or refused.
+//! Only root and the mount's owner are heard.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::lifecycle::START_TIMEOUT;
+use crate::error::MountError;
+use crate::handover;
+use crate::os::set_cloexec;
+use crate::status;
+
+/// What `phoenixfs upgrade` asks of a holder.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+pub enum ControlRequest {
+    Upgrade { binary: PathBuf },
+}
+
+/// The holder's answer.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+pub enum ControlReply {
+    Upgraded { pid: u32 },
+    Refused(String),
+}
+
+/// The holder's control socket.
+pub(crate) fn bind(mountpoint: &Path) -> Result<UnixListener, MountError> {
+    let path = status::holder_socket_path(mountpoint);
+    status::make_run_dir().map_err(|source| MountError::Io { what: format!("creating {}", status::RUN_DIR), source })?;
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).map_err(|source| MountError::Io { what: format!("binding {}", path.display()), source })?;
+    set_cloexec(listener.as_fd());
+    Ok(listener)
+}
+
+/// Accepts one connection and reads its request: the client (to answer later) and what it
+/// asks, or why it is refused.
+pub(crate) fn accept(listener: &UnixListener, owner_uid: u32) -> Option<(UnixStream, Result<ControlRequest, String>)> {
+    let (stream, _) = listener.accept().ok()?;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let request = match handover::check_peer(stream.as_fd(), owner_uid) {
+        Err(e) => Err(e.to_string()),
+        Ok(_) => {
+            let mut line = String::new();
+            let _ = BufReader::new(&stream).read_line(&mut line);
+            serde_json::from_str(&line).map_err(|e| format!("bad request: {e}"))
+        }
+    };
+    Some((stream, request))
+}
+
+pub(crate) fn reply(client: &UnixStream, reply: &ControlReply) {
+    let mut body = serde_json::to_vec(reply).expect("reply serialises");
+    body.push(b'\n');
+    let _ = (&*client).write_all(&body);
+}
+
+/// Asks the holder of `mountpoint` to upgrade its worker to `binary`; the new worker's pid.
+pub fn request_upgrade(mountpoint: &Path, binary: &Path) -> Result<u32, MountError> {
+    let path = status::holder_socket_path(mountpoint);
+    let io = |what: &str| {
+        let what = format!("{what} {}", path.display());
+        move |source: io::Error| MountError::Io { what, source }
+    };
+    let mut stream = UnixStream::connect(&path).map_err(io("connecting to the mount's holder at"))?;
+    stream.set_read_timeout(Some(START_TIMEOUT + Duration::from_secs(10))).map_err(io("configuring"))?;
+    let mut request = serde_json::to_vec(&ControlRequest::Upgrade { binary: binary.to_path_buf() }).expect("request serialises");
+    request.push(b'\n');
+    stream.write_all(&request).map_err(io("writing to"))?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).map_err(io("reading from"))?;
+    match serde_json::from_str(&line) {
+        Ok(ControlReply::Upgraded { pid }) => Ok(pid),
+        Ok(ControlReply::Refused(why)) => Err(MountError::Refused(why)),
+        Err(_) => Err(MountError::Refused("the holder gave no answer (did it die? the mount recovers; try again)".into())),
+    }
+}

@@ -1,0 +1,57 @@
+//! The verified image every process of a mount shares. `mount` loads the image and verifies
+//! it completely (checksum, id, chunk table) once, and copies it into a memfd sealed against
+//! any change; the holder keeps the memfd for the mount's life and hands it on. Each worker
+//! maps it read-only and builds its image from the mapping without reading, hashing or
+//! copying it, so a takeover costs the same at any image size, and all worker generations
+//! share one copy of the image in memory.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+use phoenixfs_format::{ImageFile, ImageId};
+use phoenixfs_store::{load_image, LocalStore};
+
+use crate::error::MountError;
+use crate::spec::MountSpec;
+
+/// Seals that make a memfd's content immutable for everyone, including us.
+const IMMUTABLE: SealFlag = SealFlag::F_SEAL_WRITE.union(SealFlag::F_SEAL_SHRINK).union(SealFlag::F_SEAL_GROW).union(SealFlag::F_SEAL_SEAL);
+
+/// Loads and fully verifies the image `spec` names, and seals a copy of its bytes into a
+/// memfd. Returns the memfd and the image's id.
+pub(crate) fn load_and_seal(spec: &MountSpec) -> Result<(OwnedFd, ImageId), MountError> {
+    let store = LocalStore::open(&spec.store)?;
+    let image = load_image(&spec.image, Some(&store))?;
+    let fd = seal(&ImageFile::encode(image.bootstrap.bytes(), &image.table)).map_err(|source| MountError::Io { what: "copying the image into memory".into(), source })?;
+    Ok((fd, image.id))
+}
+
+fn seal(bytes: &[u8]) -> std::io::Result<OwnedFd> {
+    let fd = memfd_create(c"phoenixfs-image", MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING)?;
+    let mut file = File::from(fd);
+    file.write_all(bytes)?;
+    fcntl(file.as_raw_fd(), FcntlArg::F_ADD_SEALS(IMMUTABLE))?;
+    Ok(file.into())
+}
+
+/// The image in a sealed memfd that `load_and_seal` made, mapped read-only.
+pub(crate) fn map(fd: &OwnedFd, id: ImageId) -> Result<ImageFile, MountError> {
+    let bad = |detail: String| MountError::ImageMemory(detail);
+    let seals = fcntl(fd.as_raw_fd(), FcntlArg::F_GET_SEALS).map_err(|e| bad(format!("reading its seals: {e}")))?;
+    if !SealFlag::from_bits_truncate(seals).contains(IMMUTABLE) {
+        return Err(bad("it is not sealed against changes".into()));
+    }
+    // SAFETY: the memfd is sealed against writes, shrinking and growing (checked above), so
+    // the mapped bytes can neither change under us nor vanish (no SIGBUS).
+    let mapping = unsafe { memmap2::Mmap::map(fd) }.map_err(|e| bad(format!("mapping it: {e}")))?;
+    let image = ImageFile::decode(mapping.to_vec()).map_err(|e| bad(e.to_string()))?;
+    if image.id != id {
+        return Err(bad(format!("it holds image {}, not {id}", image.id)));
+    }
+    let _ = Arc::new(mapping);
+    Ok(image)
+}

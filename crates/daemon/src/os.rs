@@ -1,0 +1,47 @@
+//! Small process and thread helpers shared by the holder and the worker.
+
+use std::fs;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use crate::error::MountError;
+
+/// Starts a named daemon thread; failing to is an error of the daemon's start-up.
+pub(crate) fn spawn_thread(name: &str, body: impl FnOnce() + Send + 'static) -> Result<(), MountError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(body)
+        .map(drop)
+        .map_err(|source| MountError::Io { what: format!("spawning the {name} thread"), source })
+}
+
+/// Whether `pid` is a live process (a zombie has exited; only its parent has yet to notice).
+pub fn process_alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may itself hold ") ".
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Background work (prefetch, indexing) yields the CPU to serving requests.
+pub(crate) fn lowest_priority_for_this_thread() {
+    // SAFETY: setpriority with who = 0 changes only the calling thread on Linux.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+}
+
+pub(crate) fn set_cloexec(fd: BorrowedFd<'_>) {
+    let _ = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+}
+
+/// Now on CLOCK_MONOTONIC in nanoseconds: one clock for all processes of a mount.
+pub(crate) fn monotonic_ns() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap_or(nix::sys::time::TimeSpec::new(0, 0));
+    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
+}
+
+/// A process's resident memory (VmRSS), shared pages included.
+pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = status.lines().find_map(|line| line.strip_prefix("VmRSS:"))?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()?;
+    Some(kib * 1024)
+}

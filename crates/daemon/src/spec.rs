@@ -1,0 +1,58 @@
+//! What a mount is: the image, store, cache and options a worker serves it with. Handed from
+//! process to process (holder, workers, replacement holders), so it is plain serialisable data.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Prefetch {
+    Nothing,
+    All,
+    /// Paths inside the image.
+    Paths(Vec<String>),
+}
+
+/// Everything a worker needs to serve a mount, from the holder: serialisable, so a new
+/// process (a restarted worker, a new binary) can be given it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountSpec {
+    /// An image file path or an image id in `store` (see `phoenixfs_store::load_image`).
+    pub image: String,
+    pub store: PathBuf,
+    pub cache_dir: PathBuf,
+    pub cache_limit: u64,
+    pub memory_limit: u64,
+    pub mountpoint: PathBuf,
+    pub threads: usize,
+    pub readahead: u64,
+    pub prefetch: Prefetch,
+    pub allow_other: bool,
+    /// Show a prefetch progress line on stderr.
+    pub progress: bool,
+    /// The uid that mounted: it (and root) may use the mount's sockets.
+    pub owner_uid: u32,
+    /// How many -v the daemon's processes log with.
+    pub log_level: u8,
+}
+
+#[cfg(test)]
+impl MountSpec {
+    pub(crate) fn for_tests() -> Self {
+        MountSpec {
+            image: "image.phx".into(),
+            store: "/store".into(),
+            cache_dir: "/cache".into(),
+            cache_limit: 1 << 30,
+            memory_limit: 1 << 20,
+            mountpoint: "/mnt".into(),
+            threads: 4,
+            readahead: 1 << 20,
+            prefetch: Prefetch::Paths(vec!["a".into()]),
+            allow_other: true,
+            progress: false,
+            owner_uid: 0,
+            log_level: 1,
+        }
+    }
+}
