@@ -14,6 +14,14 @@ fn print(status: &Status) {
     println!("served       {} requests, {} bytes, {} errors", status.requests, status.bytes_served, status.errors);
     println!("log          {}", status.log);
     println!("daemon       holder pid {}, worker pid {} ({} restarts, {} upgrades)", status.holder_pid, status.pid, status.worker_restarts, status.upgrades);
+    println!("worker       started in {:.1} ms (launch to serving)", status.worker_start_ms);
+    let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+    println!(
+        "memory       worker {:.1} MiB, holder {:.1} MiB resident; image {:.1} MiB shared by all workers",
+        mib(status.worker_rss_bytes),
+        mib(status.holder_rss_bytes),
+        mib(status.image_memory_bytes)
+    );
     if !status.takeover_stalls_ms.is_empty() {
         let stalls: Vec<String> = status.takeover_stalls_ms.iter().map(|ms| format!("{ms:.1}")).collect();
         println!("takeovers    last stalls (ms, oldest first): {}", stalls.join(" "));
