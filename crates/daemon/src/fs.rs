@@ -1,15 +1,22 @@
-//! [`ImageFs`]: the image as a read-only FUSE file system.
+//! [`ImageFs`]: the image as a read-only file system. Its answers are plain values and
+//! [`FsError`]s; the [`Filesystem`] trait the FUSE session calls is a thin adapter over them,
+//! where an error becomes an errno (in one place, [`FsError::errno`]) and faults are logged.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+mod error;
+#[cfg(test)]
+mod tests;
+
 use nix::errno::Errno;
 use phoenixfs_cache::ChunkCache;
-use phoenixfs_format::{ExtentTarget, FormatError, ImageFile, Inode, InodeKind, Nid};
+use phoenixfs_format::{ExtentTarget, ImageFile, Inode, InodeKind, Nid};
 use phoenixfs_fuse::{Attr, DirEntryOut, Entry, Filesystem, Piece, StatFs, ROOT_NODEID};
 use phoenixfs_store::ChunkStore;
 use tracing::error;
 
+pub use self::error::FsError;
 use crate::readahead::Readahead;
 
 #[derive(Debug, Default)]
@@ -47,24 +54,40 @@ impl ImageFs {
         }
     }
 
-    fn nid(&self, node: u64) -> Result<Nid, Errno> {
+    fn nid(&self, node: u64) -> Result<Nid, FsError> {
         match node {
             ROOT_NODEID => Ok(self.root_nid()),
-            0 => Err(Errno::EINVAL),
+            0 => Err(FsError::NoSuchNode),
             n => Ok(n - 2),
         }
     }
 
-    fn corrupt(&self, error: FormatError) -> Errno {
-        self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        error!(image = %self.image.id, %error, "image is corrupt");
-        Errno::EIO
+    /// The errno for an answer; faults are counted and logged with the image they concern.
+    fn answer<T>(&self, result: Result<T, FsError>) -> Result<T, Errno> {
+        result.map_err(|e| {
+            if e.is_fault() {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                error!(image = %self.image.id, error = %e, "cannot answer");
+            }
+            e.errno()
+        })
     }
 
-    fn inode(&self, node: u64) -> Result<Inode, Errno> {
+    fn inode(&self, node: u64) -> Result<Inode, FsError> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let nid = self.nid(node)?;
-        self.image.bootstrap.inode(nid).map_err(|e| self.corrupt(e))
+        Ok(self.image.bootstrap.inode(self.nid(node)?)?)
+    }
+
+    fn inode_of_kind(&self, node: u64, kind: InodeKind) -> Result<Inode, FsError> {
+        let inode = self.inode(node)?;
+        if inode.kind == kind {
+            return Ok(inode);
+        }
+        Err(match kind {
+            InodeKind::Dir => FsError::NotADirectory,
+            InodeKind::Symlink => FsError::NotASymlink,
+            _ => FsError::NotAFile,
+        })
     }
 
     fn attr(&self, inode: &Inode) -> Attr {
@@ -81,73 +104,44 @@ impl ImageFs {
         }
     }
 
-    /// The chunk at blob `offset`, verified, from the cache; errors name image and chunk.
-    fn blob_chunk(&self, offset: u64) -> Result<(Arc<[u8]>, usize), Errno> {
+    /// The chunk at blob `offset`, verified, from the cache, and where `offset` falls in it.
+    fn blob_chunk(&self, offset: u64) -> Result<(Arc<[u8]>, usize), FsError> {
         let table = &self.image.table;
         let index = offset >> table.chunk_bits;
-        let entry = table.entries.get(index as usize).ok_or_else(|| {
-            self.corrupt(FormatError::Corrupt { what: "chunk index", detail: format!("blob chunk {index} beyond the table") })
+        let entry = table.entries.get(index as usize).ok_or_else(|| phoenixfs_format::FormatError::Corrupt {
+            what: "chunk index",
+            detail: format!("blob chunk {index} beyond the table"),
         })?;
-        let data = self.cache.get(entry, self.store.as_ref()).map_err(|e| {
-            self.stats.errors.fetch_add(1, Ordering::Relaxed);
-            error!(image = %self.image.id, chunk = index, digest = %entry.digest, error = %e, "cannot read chunk");
-            Errno::EIO
-        })?;
+        let data = self.cache.get(entry, self.store.as_ref()).map_err(|source| FsError::Chunk { index, digest: entry.digest, source })?;
         Ok((data, (offset - (index << table.chunk_bits)) as usize))
     }
-}
 
-/// EROFS_FT_* to DT_*.
-fn erofs_type_to_dt(file_type: u8) -> u8 {
-    match file_type {
-        1 => libc::DT_REG,
-        2 => libc::DT_DIR,
-        3 => libc::DT_CHR,
-        4 => libc::DT_BLK,
-        5 => libc::DT_FIFO,
-        6 => libc::DT_SOCK,
-        7 => libc::DT_LNK,
-        _ => libc::DT_UNKNOWN,
-    }
-}
-
-impl Filesystem for ImageFs {
-    fn lookup(&self, parent: u64, name: &[u8]) -> Result<Entry, Errno> {
-        let dir = self.inode(parent)?;
-        if dir.kind != InodeKind::Dir {
-            return Err(Errno::ENOTDIR);
-        }
-        let nid = self.image.bootstrap.lookup(&dir, name).map_err(|e| self.corrupt(e))?.ok_or(Errno::ENOENT)?;
-        let inode = self.image.bootstrap.inode(nid).map_err(|e| self.corrupt(e))?;
-        Ok(Entry { attr: self.attr(&inode) })
+    pub fn lookup_child(&self, parent: u64, name: &[u8]) -> Result<Attr, FsError> {
+        let dir = self.inode_of_kind(parent, InodeKind::Dir)?;
+        let nid = self.image.bootstrap.lookup(&dir, name)?.ok_or(FsError::NotFound)?;
+        Ok(self.attr(&self.image.bootstrap.inode(nid)?))
     }
 
-    fn getattr(&self, node: u64) -> Result<Attr, Errno> {
+    pub fn attributes(&self, node: u64) -> Result<Attr, FsError> {
         Ok(self.attr(&self.inode(node)?))
     }
 
-    fn readlink(&self, node: u64) -> Result<Vec<u8>, Errno> {
-        let inode = self.inode(node)?;
-        if inode.kind != InodeKind::Symlink {
-            return Err(Errno::EINVAL);
-        }
-        self.image.bootstrap.read_link(&inode).map_err(|e| self.corrupt(e))
+    pub fn link_target(&self, node: u64) -> Result<Vec<u8>, FsError> {
+        Ok(self.image.bootstrap.read_link(&self.inode_of_kind(node, InodeKind::Symlink)?)?)
     }
 
-    fn open(&self, node: u64) -> Result<(), Errno> {
+    pub fn check_open(&self, node: u64) -> Result<(), FsError> {
         match self.inode(node)?.kind {
-            InodeKind::Dir => Err(Errno::EISDIR),
+            InodeKind::Dir => Err(FsError::IsADirectory),
             _ => Ok(()),
         }
     }
 
-    fn read(&self, node: u64, offset: u64, size: u32) -> Result<Vec<Piece>, Errno> {
-        let inode = self.inode(node)?;
-        if inode.kind != InodeKind::File {
-            return Err(Errno::EINVAL);
-        }
+    /// Up to `size` bytes from `offset`, as pieces to write without copying.
+    pub fn read_data(&self, node: u64, offset: u64, size: u32) -> Result<Vec<Piece>, FsError> {
+        let inode = self.inode_of_kind(node, InodeKind::File)?;
         let bootstrap = &self.image.bootstrap;
-        let extents = bootstrap.extents(&inode, offset, size.into()).map_err(|e| self.corrupt(e))?;
+        let extents = bootstrap.extents(&inode, offset, size.into())?;
         #[cfg(feature = "failpoints")]
         crate::failpoints::panic_in_read();
         self.readahead.on_read(&inode, offset, size.into());
@@ -177,17 +171,82 @@ impl Filesystem for ImageFs {
         Ok(pieces)
     }
 
-    fn readdir(&self, node: u64, cookie: u64, add: &mut dyn FnMut(DirEntryOut) -> bool) -> Result<(), Errno> {
-        let dir = self.inode(node)?;
-        if dir.kind != InodeKind::Dir {
-            return Err(Errno::ENOTDIR);
+    pub fn list_dir(&self, node: u64, cookie: u64, add: &mut dyn FnMut(DirEntryOut) -> bool) -> Result<(), FsError> {
+        let dir = self.inode_of_kind(node, InodeKind::Dir)?;
+        Ok(self.image.bootstrap.for_each_dir_entry(&dir, cookie, &mut |entry, next_cookie| {
+            add(DirEntryOut { ino: self.nodeid(entry.nid), kind: erofs_type_to_dt(entry.file_type), name: entry.name, next_cookie })
+        })?)
+    }
+
+    pub fn xattr(&self, node: u64, name: &[u8]) -> Result<Vec<u8>, FsError> {
+        let xattrs = self.image.bootstrap.xattrs(&self.inode(node)?)?;
+        xattrs.into_iter().find(|x| x.name == name).map(|x| x.value).ok_or(FsError::NoSuchAttribute)
+    }
+
+    /// Names, each followed by a NUL.
+    pub fn xattr_names(&self, node: u64) -> Result<Vec<u8>, FsError> {
+        let xattrs = self.image.bootstrap.xattrs(&self.inode(node)?)?;
+        Ok(xattrs.into_iter().flat_map(|x| x.name.into_iter().chain([0])).collect())
+    }
+
+    /// SEEK_DATA / SEEK_HOLE, as the kernel's EROFS answers them.
+    pub fn seek(&self, node: u64, offset: u64, whence: u32) -> Result<u64, FsError> {
+        let inode = self.inode(node)?;
+        if offset >= inode.size() {
+            return Err(FsError::NothingThere);
         }
-        self.image
-            .bootstrap
-            .for_each_dir_entry(&dir, cookie, &mut |entry, next_cookie| {
-                add(DirEntryOut { ino: self.nodeid(entry.nid), kind: erofs_type_to_dt(entry.file_type), name: entry.name, next_cookie })
-            })
-            .map_err(|e| self.corrupt(e))
+        let want_data = match whence as i32 {
+            libc::SEEK_DATA => true,
+            libc::SEEK_HOLE => false,
+            _ => return Err(FsError::BadWhence(whence)),
+        };
+        let extents = self.image.bootstrap.extents(&inode, offset, inode.size() - offset)?;
+        let found = extents.iter().find(|e| (e.target != ExtentTarget::Hole) == want_data).map(|e| e.file_offset.max(offset));
+        match (found, want_data) {
+            (Some(at), _) => Ok(at),
+            (None, true) => Err(FsError::NothingThere),
+            (None, false) => Ok(inode.size()),
+        }
+    }
+}
+
+/// EROFS_FT_* to DT_*.
+fn erofs_type_to_dt(file_type: u8) -> u8 {
+    match file_type {
+        1 => libc::DT_REG,
+        2 => libc::DT_DIR,
+        3 => libc::DT_CHR,
+        4 => libc::DT_BLK,
+        5 => libc::DT_FIFO,
+        6 => libc::DT_SOCK,
+        7 => libc::DT_LNK,
+        _ => libc::DT_UNKNOWN,
+    }
+}
+
+impl Filesystem for ImageFs {
+    fn lookup(&self, parent: u64, name: &[u8]) -> Result<Entry, Errno> {
+        self.answer(self.lookup_child(parent, name).map(|attr| Entry { attr }))
+    }
+
+    fn getattr(&self, node: u64) -> Result<Attr, Errno> {
+        self.answer(self.attributes(node))
+    }
+
+    fn readlink(&self, node: u64) -> Result<Vec<u8>, Errno> {
+        self.answer(self.link_target(node))
+    }
+
+    fn open(&self, node: u64) -> Result<(), Errno> {
+        self.answer(self.check_open(node))
+    }
+
+    fn read(&self, node: u64, offset: u64, size: u32) -> Result<Vec<Piece>, Errno> {
+        self.answer(self.read_data(node, offset, size))
+    }
+
+    fn readdir(&self, node: u64, cookie: u64, add: &mut dyn FnMut(DirEntryOut) -> bool) -> Result<(), Errno> {
+        self.answer(self.list_dir(node, cookie, add))
     }
 
     fn statfs(&self) -> StatFs {
@@ -202,33 +261,14 @@ impl Filesystem for ImageFs {
     }
 
     fn getxattr(&self, node: u64, name: &[u8]) -> Result<Vec<u8>, Errno> {
-        let inode = self.inode(node)?;
-        let xattrs = self.image.bootstrap.xattrs(&inode).map_err(|e| self.corrupt(e))?;
-        xattrs.into_iter().find(|x| x.name == name).map(|x| x.value).ok_or(Errno::ENODATA)
+        self.answer(self.xattr(node, name))
     }
 
     fn listxattr(&self, node: u64) -> Result<Vec<u8>, Errno> {
-        let inode = self.inode(node)?;
-        let xattrs = self.image.bootstrap.xattrs(&inode).map_err(|e| self.corrupt(e))?;
-        Ok(xattrs.into_iter().flat_map(|x| x.name.into_iter().chain([0])).collect())
+        self.answer(self.xattr_names(node))
     }
 
     fn lseek(&self, node: u64, offset: u64, whence: u32) -> Result<u64, Errno> {
-        let inode = self.inode(node)?;
-        if offset >= inode.size() {
-            return Err(Errno::ENXIO);
-        }
-        let extents = self.image.bootstrap.extents(&inode, offset, inode.size() - offset).map_err(|e| self.corrupt(e))?;
-        let want_data = match whence as i32 {
-            libc::SEEK_DATA => true,
-            libc::SEEK_HOLE => false,
-            _ => return Err(Errno::EINVAL),
-        };
-        let found = extents.iter().find(|e| (e.target != ExtentTarget::Hole) == want_data).map(|e| e.file_offset.max(offset));
-        match (found, want_data) {
-            (Some(at), _) => Ok(at),
-            (None, true) => Err(Errno::ENXIO),
-            (None, false) => Ok(inode.size()),
-        }
+        self.answer(self.seek(node, offset, whence))
     }
 }
