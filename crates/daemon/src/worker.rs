@@ -94,7 +94,7 @@ fn start_serving(state: &State, session: &Session) -> Result<Arc<ImageFs>, Mount
     let spec = &state.spec;
     let store = LocalStore::open(&spec.store).map_err(|e| MountError::Daemon(e.to_string()))?;
     let image = load_image(&spec.image, Some(&store)).map_err(|e| MountError::Daemon(e.to_string()))?;
-    let cache = Arc::new(ChunkCache::open_unindexed(&spec.cache_dir, spec.cache_limit, spec.memory_limit)?);
+    let cache = Arc::new(ChunkCache::open_unindexed(&spec.cache_dir, spec.cache_limit, spec.memory_limit, None)?);
     {
         let cache = cache.clone();
         spawn_thread("cache-index", move || {
