@@ -18,6 +18,8 @@
 //! Must never: serve bytes that did not match their digest, hold a lock while fetching, or
 //! know about FUSE, images or paths inside images.
 
+pub mod shared;
+
 use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read, Write};
@@ -25,8 +27,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
-
-pub mod shared;
 
 use phoenixfs_format::chunk::decode_chunk;
 use phoenixfs_format::{ChunkEntry, Digest};

@@ -28,8 +28,9 @@ impl Layout {
         if slot_size == 0 || !slot_size.is_multiple_of(8) || slot_size > u64::from(u32::MAX) {
             return Err(format!("slot size {slot_size} is not a multiple of 8 between 8 and 2^32"));
         }
-        if ways == 0 || slot_count == 0 || !slot_count.is_multiple_of(ways) {
-            return Err(format!("{slot_count} slots do not make whole sets of {ways}"));
+        // More ways would make every lookup probe more slots: only damage asks for that.
+        if ways == 0 || ways > WAYS || slot_count == 0 || !slot_count.is_multiple_of(ways) {
+            return Err(format!("{slot_count} slots in sets of {ways}: not whole sets of 1 to {WAYS} slots"));
         }
         let too_big = || format!("{slot_count} slots of {slot_size} bytes do not fit in memory");
         let headers_end = slot_count.checked_mul(SLOT_HEADER_SIZE as u64).and_then(|n| n.checked_add(REGION_HEADER_SIZE as u64)).ok_or_else(too_big)?;

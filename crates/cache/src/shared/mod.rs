@@ -45,6 +45,10 @@
 //! afterwards and the copy's crc32c matches; a stable slot that fails those checks is emptied
 //! (claimed and published empty). A slot left odd by a dead process is claimed again by a
 //! writer. The crc guards against what the sequence cannot see: a flipped bit, a stray write.
+//!
+//! Every process mapping a region must share one pid namespace: a writer is judged dead by its
+//! pid. A dead writer's pid reused by another process keeps its slot claimed until that one
+//! exits too: a slot lost for a while, never a torn one served.
 
 mod layout;
 mod slot;
@@ -56,8 +60,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use memmap2::{MmapOptions, MmapRaw};
+use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+use nix::sys::signal::kill;
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+use nix::unistd::Pid;
 use phoenixfs_format::Digest;
 use tracing::warn;
 
@@ -227,13 +234,18 @@ fn now() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
 }
 
-/// Whether `pid` is a live process (a zombie has exited; only its parent has yet to notice).
+/// Whether `pid` may be a live process. Errs towards alive (a slot stays claimed a while
+/// longer), never towards dead: a live writer's slot taken from under it would be torn.
 fn process_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name, which may itself hold ") ".
-        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
-        Err(_) => false,
+    // 0 would signal our own process group; beyond i32 no process can have it: garbage.
+    let Some(pid) = i32::try_from(pid).ok().filter(|&pid| pid > 0) else { return false };
+    if kill(Pid::from_raw(pid), None) == Err(Errno::ESRCH) {
+        return false;
     }
+    // A zombie has exited; only its parent has yet to notice. Unreadable: assume alive.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        // The state follows the parenthesised command name, which may itself hold ") ".
+        .map_or(true, |stat| stat.rsplit_once(") ").is_none_or(|(_, rest)| !rest.starts_with('Z')))
 }
 
 #[cfg(test)]

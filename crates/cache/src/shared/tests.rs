@@ -54,6 +54,9 @@ fn put_chunks_come_back_whatever_their_length() {
     let (unknown, data) = content(99, 10);
     assert!(shared.get(&unknown, data.len()).is_none() && !shared.contains(&unknown));
     assert!(!shared.put(&Digest::of(&[0; SLOT + 1]), &[0; SLOT + 1]), "larger than a slot");
+    for bad_slot_size in [0, 12] {
+        assert!(SharedChunks::create(1 << 20, bad_slot_size).is_err());
+    }
     assert_eq!(shared.stats.hits.load(Ordering::Relaxed), chunks.len() as u64);
 }
 
@@ -93,6 +96,10 @@ fn damaged_regions_are_refused_naming_the_damage() {
     let fd = region(8);
     poke(&fd, 16, &4097u64.to_le_bytes());
     assert!(adopt_error(fd).contains("slot size"));
+
+    let fd = region(64);
+    poke(&fd, 12, &64u32.to_le_bytes());
+    assert!(adopt_error(fd).contains("whole sets"), "a set wider than any lookup should probe");
 
     let mut header = [0u8; REGION_HEADER_SIZE];
     let valid = region(8);
@@ -143,7 +150,9 @@ fn a_garbage_length_is_never_served() {
 /// Runs `child` in a forked process that then exits at once (no destructors, no atexit), and
 /// reaps it; returns its pid, now dead.
 fn in_child(child: impl FnOnce() -> bool) -> u32 {
-    // SAFETY: the child only touches atomics in the mapping and exits without unwinding.
+    // SAFETY: after fork only async-signal-safe work is sound in a threaded process: the
+    // closures given here touch atomics in the inherited mapping and make plain system calls
+    // (getpid, clock_gettime), and the child then exits without unwinding.
     match unsafe { fork() }.unwrap() {
         ForkResult::Child => {
             let ok = child();
