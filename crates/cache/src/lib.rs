@@ -6,12 +6,19 @@
 //! every load from the cache directory checks its length and crc32c (hardware-accelerated, a
 //! tenth of sha256's cost on the warm read path), and a torn or flipped file is deleted and
 //! fetched again. Concurrent readers of one chunk share one fetch (single-flight).
-//! Verified chunks also stay in a bounded memory LRU so the several READ requests that cover
-//! one chunk hash it once. The disk part is bounded too: least recently used files go first,
-//! and a chunk a reader holds lives on in memory whatever happens to its file.
+//! A chunk is looked for in four levels, nearest first:
+//! 1. a small private memory LRU, so the several READ requests that cover one chunk copy it
+//!    once;
+//! 2. the shared memory region ([`shared`]), when the worker was handed one: it outlives the
+//!    worker, so a worker taking over after a SIGKILL starts warm;
+//! 3. the chunk files on disk, bounded too: least recently used files go first, and a chunk a
+//!    reader holds lives on in memory whatever happens to its file;
+//! 4. the store. A chunk loaded from disk or the store goes into the shared region as well.
 //!
 //! Must never: serve bytes that did not match their digest, hold a lock while fetching, or
 //! know about FUSE, images or paths inside images.
+
+pub mod shared;
 
 use std::collections::HashMap;
 use std::fs;
@@ -27,6 +34,8 @@ use phoenixfs_store::{ChunkStore, StoreError};
 use thiserror::Error;
 use tracing::{debug, warn};
 
+pub use crate::shared::SharedChunks;
+
 /// Fetch attempts before a chunk is given up on (the store may be restarting, or flaky).
 const FETCH_ATTEMPTS: u32 = 5;
 const FIRST_BACKOFF: Duration = Duration::from_millis(20);
@@ -39,6 +48,10 @@ pub enum CacheError {
     Store { digest: Digest, detail: String },
     #[error("cache directory {}: {detail}", path.display())]
     Io { path: PathBuf, detail: String },
+    #[error("chunk {digest}: loading it panicked")]
+    LoadPanicked { digest: Digest },
+    #[error("shared chunk region: {detail}")]
+    SharedRegion { detail: String },
 }
 
 #[derive(Debug, Default)]
@@ -77,6 +90,7 @@ pub struct ChunkCache {
     tmp: PathBuf,
     disk_limit: u64,
     memory_limit: u64,
+    shared: Option<SharedChunks>,
     inner: Mutex<Inner>,
     pub stats: CacheStats,
 }
@@ -89,8 +103,9 @@ impl ChunkCache {
     /// Opens (creating when needed) the cache in `dir`, indexes the chunks already there, and
     /// removes leftovers of interrupted writes. Several processes may share one cache: each
     /// writes under `tmp/<pid>/`, and only the directories of dead processes are removed.
-    pub fn open(dir: &Path, disk_limit: u64, memory_limit: u64) -> Result<Self, CacheError> {
-        let cache = Self::open_unindexed(dir, disk_limit, memory_limit)?;
+    /// `memory_limit` bounds the private memory level; `shared` is the shared one, if any.
+    pub fn open(dir: &Path, disk_limit: u64, memory_limit: u64, shared: Option<SharedChunks>) -> Result<Self, CacheError> {
+        let cache = Self::open_unindexed(dir, disk_limit, memory_limit, shared)?;
         cache.index_disk()?;
         Ok(cache)
     }
@@ -99,7 +114,7 @@ impl ChunkCache {
     /// many there are (a worker taking over must not stall readers for a directory scan).
     /// Chunks on disk are found and served all the same; only the size accounting waits
     /// for [`ChunkCache::index_disk`].
-    pub fn open_unindexed(dir: &Path, disk_limit: u64, memory_limit: u64) -> Result<Self, CacheError> {
+    pub fn open_unindexed(dir: &Path, disk_limit: u64, memory_limit: u64, shared: Option<SharedChunks>) -> Result<Self, CacheError> {
         let chunks = dir.join("chunks");
         fs::create_dir_all(&chunks).map_err(io_error(&chunks))?;
         let tmp_root = dir.join("tmp");
@@ -115,7 +130,7 @@ impl ChunkCache {
         fs::create_dir_all(&tmp).map_err(io_error(&tmp))?;
         // Uses from now on rank above every file found by `index_disk`, whenever it runs.
         let inner = Inner { tick: FIRST_LIVE_TICK, ..Inner::default() };
-        Ok(ChunkCache { dir: dir.to_path_buf(), tmp, disk_limit, memory_limit, inner: Mutex::new(inner), stats: CacheStats::default() })
+        Ok(ChunkCache { dir: dir.to_path_buf(), tmp, disk_limit, memory_limit, shared, inner: Mutex::new(inner), stats: CacheStats::default() })
     }
 
     /// Indexes the chunk files on disk (oldest first by mtime, older than any use since
@@ -161,15 +176,25 @@ impl ChunkCache {
         self.dir.join("chunks").join(&hex[..2]).join(hex)
     }
 
-    /// Whether the chunk is verified and in memory, ready to serve without I/O.
+    /// The shared memory level, if this cache was given one.
+    pub fn shared(&self) -> Option<&SharedChunks> {
+        self.shared.as_ref()
+    }
+
+    /// Whether the chunk is verified and in memory (private or shared), ready to serve
+    /// without I/O.
     pub fn in_memory(&self, digest: &Digest) -> bool {
-        self.lock().memory.contains_key(digest)
+        let private = self.lock().memory.contains_key(digest);
+        private || self.shared.as_ref().is_some_and(|shared| shared.contains(digest))
     }
 
     /// Whether the chunk is cached (in memory or on disk).
     pub fn contains(&self, digest: &Digest) -> bool {
-        let inner = self.lock();
-        inner.memory.contains_key(digest) || inner.disk.contains_key(digest)
+        let cached = {
+            let inner = self.lock();
+            inner.memory.contains_key(digest) || inner.disk.contains_key(digest)
+        };
+        cached || self.shared.as_ref().is_some_and(|shared| shared.contains(digest))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -177,7 +202,7 @@ impl ChunkCache {
     }
 
     /// The verified content of `entry`'s chunk: from memory, from disk, or fetched from
-    /// `store`, with every concurrent caller of one chunk waiting on one fetch.
+    /// `store`, with every concurrent caller of one chunk waiting on one load.
     pub fn get(&self, entry: &ChunkEntry, store: &dyn ChunkStore) -> Result<Arc<[u8]>, CacheError> {
         let flight = {
             let mut inner = self.lock();
@@ -204,25 +229,35 @@ impl ChunkCache {
             }
             return result.clone().expect("set before notify");
         }
+        let mut leader = FlightLeader { cache: self, digest: entry.digest, result: None };
         let result = self.load_or_fetch(entry, store);
+        leader.result = Some(result.clone());
+        drop(leader);
+        result
+    }
+
+    /// Ends the flight of a chunk: keeps a good result in memory and hands it to the waiters.
+    fn land(&self, digest: &Digest, result: Result<Arc<[u8]>, CacheError>) {
         let flight = {
             let mut inner = self.lock();
             if let Ok(data) = &result {
                 inner.tick += 1;
                 let tick = inner.tick;
-                if inner.memory.insert(entry.digest, (data.clone(), tick)).is_none() {
+                if inner.memory.insert(*digest, (data.clone(), tick)).is_none() {
                     inner.memory_bytes += data.len() as u64;
                 }
                 self.evict_memory(&mut inner);
             }
-            inner.flights.remove(&entry.digest).expect("the leader's flight")
+            inner.flights.remove(digest).expect("the leader's flight")
         };
-        *flight.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(result.clone());
+        *flight.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
         flight.done.notify_all();
-        result
     }
 
     fn load_or_fetch(&self, entry: &ChunkEntry, store: &dyn ChunkStore) -> Result<Arc<[u8]>, CacheError> {
+        if let Some(data) = self.shared.as_ref().and_then(|shared| shared.get(&entry.digest, entry.length as usize)) {
+            return Ok(data);
+        }
         let path = self.chunk_path(&entry.digest);
         // Look on disk even when the index does not list the chunk: it may not be built yet,
         // or another process sharing the cache may have written it.
@@ -230,6 +265,7 @@ impl ChunkCache {
             Ok(Some(data)) => {
                 self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
                 self.touch_disk(&entry.digest, (data.len() + CRC_SIZE) as u64);
+                self.put_shared(&entry.digest, &data);
                 return Ok(data);
             }
             Ok(None) => {
@@ -244,10 +280,17 @@ impl ChunkCache {
             }
         }
         let data = self.fetch(entry, store)?;
+        self.put_shared(&entry.digest, &data);
         if let Err(e) = self.store_on_disk(&entry.digest, &data) {
             warn!(chunk = %entry.digest, error = %e, "cannot write chunk to the cache; serving it from memory");
         }
         Ok(data.into())
+    }
+
+    fn put_shared(&self, digest: &Digest, data: &[u8]) {
+        if let Some(shared) = &self.shared {
+            shared.put(digest, data);
+        }
     }
 
     fn fetch(&self, entry: &ChunkEntry, store: &dyn ChunkStore) -> Result<Vec<u8>, CacheError> {
@@ -366,6 +409,22 @@ impl ChunkCache {
             inner.memory.remove(&digest);
             inner.memory_bytes -= len;
         }
+    }
+}
+
+/// The one loader of a chunk. However the load ends, returning or unwinding, dropping this
+/// ends the flight, so waiters never wait for a leader that is gone.
+struct FlightLeader<'a> {
+    cache: &'a ChunkCache,
+    digest: Digest,
+    /// None until the load returns: a leader dropped without one unwound.
+    result: Option<Result<Arc<[u8]>, CacheError>>,
+}
+
+impl Drop for FlightLeader<'_> {
+    fn drop(&mut self) {
+        let result = self.result.take().unwrap_or(Err(CacheError::LoadPanicked { digest: self.digest }));
+        self.cache.land(&self.digest, result);
     }
 }
 

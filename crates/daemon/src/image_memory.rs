@@ -22,12 +22,12 @@ use crate::spec::MountSpec;
 const IMMUTABLE: SealFlag = SealFlag::F_SEAL_WRITE.union(SealFlag::F_SEAL_SHRINK).union(SealFlag::F_SEAL_GROW).union(SealFlag::F_SEAL_SEAL);
 
 /// Loads and fully verifies the image `spec` names, and seals a copy of its bytes into a
-/// memfd. Returns the memfd and the image's id.
-pub(crate) fn load_and_seal(spec: &MountSpec) -> Result<(OwnedFd, ImageId), MountError> {
+/// memfd. Returns the memfd, the image's id and its chunk size.
+pub(crate) fn load_and_seal(spec: &MountSpec) -> Result<(OwnedFd, ImageId, usize), MountError> {
     let store = LocalStore::open(&spec.store)?;
     let image = load_image(&spec.image, Some(&store))?;
     let fd = seal(&ImageFile::encode(image.bootstrap.bytes(), &image.table)).map_err(|source| MountError::Io { what: "copying the image into memory".into(), source })?;
-    Ok((fd, image.id))
+    Ok((fd, image.id, image.table.chunk_size() as usize))
 }
 
 fn seal(bytes: &[u8]) -> std::io::Result<OwnedFd> {

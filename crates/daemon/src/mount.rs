@@ -8,6 +8,7 @@ use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::mount::{umount2, MntFlags};
 use nix::unistd::{fork, pipe2, setsid, ForkResult};
+use phoenixfs_cache::SharedChunks;
 use phoenixfs_fuse::MountOptions;
 use tracing::warn;
 
@@ -55,9 +56,11 @@ pub fn mount(config: MountConfig) -> Result<(), MountError> {
     let mut spec = config.spec;
     let mountpoint = preflight(&spec.mountpoint)?;
     spec.mountpoint = mountpoint.clone();
-    let (image, image_id) = image_memory::load_and_seal(&spec)?;
+    let (image, image_id, chunk_size) = image_memory::load_and_seal(&spec)?;
+    // Chunk memory that outlives workers: a new one starts warm.
+    let chunks = (spec.memory_limit > 0).then(|| SharedChunks::create(spec.memory_limit, chunk_size)).transpose()?;
     let fuse = phoenixfs_fuse::mount(&mountpoint, &MountOptions { source: spec.image.clone(), allow_other: spec.allow_other })?;
-    let fds = SessionFds { fuse, image, chunks: None };
+    let fds = SessionFds { fuse, image, chunks };
     if config.foreground {
         return hold(spec, image_id.to_string(), fds, None);
     }

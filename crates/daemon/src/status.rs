@@ -61,6 +61,11 @@ pub struct Status {
     pub holder_rss_bytes: u64,
     /// The verified image all processes of the mount share (one copy, a sealed memfd).
     pub image_memory_bytes: u64,
+    /// The chunk memory all worker generations share (0: none), its hits, and the slots
+    /// found torn or corrupt and discarded.
+    pub shared_memory_bytes: u64,
+    pub shared_memory_hits: u64,
+    pub shared_memory_discarded: u64,
 }
 
 /// The socket of the mount at `mountpoint` (an absolute, canonical path).

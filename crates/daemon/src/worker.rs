@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use phoenixfs_cache::ChunkCache;
+use phoenixfs_cache::{CacheError, ChunkCache, SharedChunks};
 use phoenixfs_format::{ExtentTarget, ImageId, InodeKind};
 use phoenixfs_fuse::{Ended, Session};
 use phoenixfs_store::LocalStore;
@@ -60,7 +60,7 @@ pub fn run_worker() -> Result<(), MountError> {
         handover::check_peer(channel.as_fd(), state.spec.owner_uid)?;
         let SessionFds { fuse, image, chunks } = fds;
         let session = Arc::new(Session::resume(fuse, state.params));
-        let fs = start_serving(&state, &session, &image)?;
+        let fs = start_serving(&state, &session, &image, chunks.as_ref())?;
         Ok((state, session, fs, image, chunks))
     });
     let (state, session, fs, image, chunks) = match started {
@@ -114,12 +114,16 @@ fn die_on_panic() {
 /// Maps the image, opens the store and cache the state names, and resends a dead
 /// predecessor's requests; everything before the first read. Nothing here grows with the
 /// image or the cache: a takeover costs the same at any size.
-fn start_serving(state: &State, session: &Session, image: &OwnedFd) -> Result<Arc<ImageFs>, MountError> {
+fn start_serving(state: &State, session: &Session, image: &OwnedFd, chunks: Option<&OwnedFd>) -> Result<Arc<ImageFs>, MountError> {
     let spec = &state.spec;
     let store = LocalStore::open(&spec.store)?;
     let image_id: ImageId = state.image_id.parse().map_err(|_| MountError::ImageMemory(format!("the state names no image id ({:?})", state.image_id)))?;
     let image = image_memory::map(image, image_id)?;
-    let cache = Arc::new(ChunkCache::open_unindexed(&spec.cache_dir, spec.cache_limit, spec.memory_limit)?);
+    let shared = chunks.and_then(adopt_shared_chunks);
+    // With the shared memory, this worker's own memory only spares the several READs that
+    // cover one chunk a copy each.
+    let private_limit = if shared.is_some() { spec.memory_limit.min(PRIVATE_MEMORY_WITH_SHARED) } else { spec.memory_limit };
+    let cache = Arc::new(ChunkCache::open_unindexed(&spec.cache_dir, spec.cache_limit, private_limit, shared)?);
     {
         let cache = cache.clone();
         spawn_thread("cache-index", move || {
@@ -144,6 +148,22 @@ fn start_serving(state: &State, session: &Session, image: &OwnedFd) -> Result<Ar
     }
     info!(mountpoint = %spec.mountpoint.display(), image = %state.image_id, takeover = ?state.takeover, "worker serving");
     Ok(fs)
+}
+
+/// The private memory cache's size when the mount has shared chunk memory.
+const PRIVATE_MEMORY_WITH_SHARED: u64 = 32 << 20;
+
+/// Maps the mount's shared chunk memory; a damaged one is left alone (logged), and this
+/// worker serves from its own memory and the cache directory instead.
+fn adopt_shared_chunks(fd: &OwnedFd) -> Option<SharedChunks> {
+    let adopted = fd.try_clone().map_err(|e| CacheError::SharedRegion { detail: e.to_string() }).and_then(SharedChunks::adopt);
+    match adopted {
+        Ok(shared) => Some(shared),
+        Err(error) => {
+            warn!(%error, "cannot use the mount's shared chunk memory; serving without it");
+            None
+        }
+    }
 }
 
 /// After a predecessor's death, the stall ends with this worker's first reply: recorded in
@@ -277,6 +297,9 @@ fn serve_status(session: &Arc<Session>, fs: &Arc<ImageFs>, link: &Arc<HolderLink
             worker_rss_bytes: rss_bytes(std::process::id()).unwrap_or(0),
             holder_rss_bytes: rss_bytes(link.holder_pid.load(Ordering::Relaxed)).unwrap_or(0),
             image_memory_bytes: fs.image.bootstrap.bytes().len() as u64,
+            shared_memory_bytes: cache.shared().map_or(0, SharedChunks::capacity),
+            shared_memory_hits: cache.shared().map_or(0, |s| load(&s.stats.hits)),
+            shared_memory_discarded: cache.shared().map_or(0, |s| load(&s.stats.discarded)),
         }
     })
     .map(drop)

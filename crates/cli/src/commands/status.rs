@@ -22,6 +22,14 @@ fn print(status: &Status) {
         mib(status.holder_rss_bytes),
         mib(status.image_memory_bytes)
     );
+    if status.shared_memory_bytes > 0 {
+        println!(
+            "chunk memory {:.0} MiB shared by worker generations: {} hits, {} torn or corrupt slots discarded",
+            mib(status.shared_memory_bytes),
+            status.shared_memory_hits,
+            status.shared_memory_discarded
+        );
+    }
     if !status.takeover_stalls_ms.is_empty() {
         let stalls: Vec<String> = status.takeover_stalls_ms.iter().map(|ms| format!("{ms:.1}")).collect();
         println!("takeovers    last stalls (ms, oldest first): {}", stalls.join(" "));

@@ -61,7 +61,7 @@ fn fixture() -> Fixture {
     let built = build(root, store.as_ref(), &BuildOptions { chunk_bits: 12, ..BuildOptions::default() }).unwrap();
     let image = ImageFile::decode(built.image_file).unwrap();
     let cache_dir = tempfile::tempdir().unwrap();
-    let cache = Arc::new(ChunkCache::open(cache_dir.path(), 1 << 30, 1 << 20).unwrap());
+    let cache = Arc::new(ChunkCache::open(cache_dir.path(), 1 << 30, 1 << 20, None).unwrap());
     let fs = ImageFs::new(Arc::new(image), store.clone(), cache, 0);
     Fixture { src, _cache: cache_dir, store, fs }
 }
