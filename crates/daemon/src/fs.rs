@@ -83,17 +83,13 @@ impl ImageFs {
 
     /// The chunk at blob `offset`, verified, from the cache; errors name image and chunk.
     fn blob_chunk(&self, offset: u64) -> Result<(Arc<[u8]>, usize), Errno> {
-        let table = &self.image.table;
-        let index = offset >> table.chunk_bits;
-        let entry = table.entries.get(index as usize).ok_or_else(|| {
-            self.corrupt(FormatError::Corrupt { what: "chunk index", detail: format!("blob chunk {index} beyond the table") })
-        })?;
-        let data = self.cache.get(entry, self.store.as_ref()).map_err(|e| {
+        let chunk = self.image.table.locate(offset).map_err(|e| self.corrupt(e))?;
+        let data = self.cache.get(&chunk.entry, self.store.as_ref()).map_err(|e| {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
-            error!(image = %self.image.id, chunk = index, digest = %entry.digest, error = %e, "cannot read chunk");
+            error!(image = %self.image.id, chunk = chunk.index, digest = %chunk.entry.digest, error = %e, "cannot read chunk");
             Errno::EIO
         })?;
-        Ok((data, (offset - (index << table.chunk_bits)) as usize))
+        Ok((data, chunk.within))
     }
 }
 

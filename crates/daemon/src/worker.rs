@@ -273,7 +273,7 @@ fn prefetch_chunks(fs: &ImageFs, prefetch: &Prefetch, progress: bool) {
     for inode in inodes.iter().filter(|i| i.kind == InodeKind::File) {
         for extent in bootstrap.extents(inode, 0, inode.size()).unwrap_or_default() {
             if let ExtentTarget::Blob { offset } = extent.target {
-                let index = (offset >> fs.image.table.chunk_bits) as usize;
+                let Ok(index) = fs.image.table.locate(offset).map(|chunk| chunk.index) else { continue };
                 if chunks.insert(index) {
                     ordered.push(index);
                 }
@@ -282,8 +282,8 @@ fn prefetch_chunks(fs: &ImageFs, prefetch: &Prefetch, progress: bool) {
     }
     let total = ordered.len();
     for (done, index) in ordered.into_iter().enumerate() {
-        if let Some(entry) = fs.image.table.entries.get(index) {
-            if let Err(error) = fs.cache.get(entry, fs.store.as_ref()) {
+        if let Ok(entry) = fs.image.table.entry(index) {
+            if let Err(error) = fs.cache.get(&entry, fs.store.as_ref()) {
                 warn!(chunk = index, %error, "prefetch fetch failed");
             }
         }
