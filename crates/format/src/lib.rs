@@ -28,8 +28,9 @@
 //!
 //! Chunk-based files point into device 1, the *blob*: a virtual, uncompressed address space of
 //! fixed-size chunks (chunk i starts at byte i << chunk_bits). Blob chunk i is entry i of the
-//! chunk table; [`ChunkTableView::locate`] is the one place that arithmetic is written. The device slot's tag is the hex sha256 of the chunk table, so a bootstrap names
-//! the only table it fits. An all-zero chunk is a hole and is not in the blob at all.
+//! chunk table; [`ChunkTableView::locate`] is the one place that arithmetic is written. The
+//! device slot's tag is the hex sha256 of the chunk table, so a bootstrap names the only table
+//! it fits. An all-zero chunk is a hole and is not in the blob at all.
 //!
 //! Because the bootstrap comes first, an image file can be mounted by the kernel's own EROFS
 //! as it is (`mount -t erofs -o device=BLOB IMAGE DIR`) and checked by `fsck.erofs`.
