@@ -130,7 +130,7 @@ pub fn snapshot_dir(root: &Path) -> Snapshot {
 /// Snapshot through phoenixfs's own image reader, file data fetched from `store`.
 pub fn snapshot_image(image: &ImageFile, store: &dyn ChunkStore) -> Snapshot {
     let bootstrap = &image.bootstrap;
-    let mut chunks: HashMap<u64, Vec<u8>> = HashMap::new();
+    let mut chunks: HashMap<usize, Vec<u8>> = HashMap::new();
     let mut snapshot = Snapshot::new();
     let mut keys = Vec::new();
     for (path, inode) in bootstrap.walk().expect("walk image") {
@@ -153,12 +153,12 @@ pub fn snapshot_image(image: &ImageFile, store: &dyn ChunkStore) -> Snapshot {
                         hasher.update(&bootstrap.bytes()[offset as usize..(offset + extent.len) as usize])
                     }
                     ExtentTarget::Blob { offset } => {
-                        let index = offset >> image.table.chunk_bits;
-                        let data = chunks.entry(index).or_insert_with(|| {
-                            let entry = &image.table.entries[index as usize];
-                            decode_chunk(entry, &store.get_chunk(&entry.digest).expect("chunk in store")).expect("chunk verifies")
+                        let chunk = image.table.locate(offset).expect("blob offset in the chunk table");
+                        let data = chunks.entry(chunk.index).or_insert_with(|| {
+                            let stored = store.get_chunk(&chunk.entry.digest).expect("chunk in store");
+                            decode_chunk(&chunk.entry, &stored).expect("chunk verifies")
                         });
-                        let within = (offset - (index << image.table.chunk_bits)) as usize;
+                        let within = chunk.within;
                         let mut piece = data[within..data.len().min(within + extent.len as usize)].to_vec();
                         piece.resize(extent.len as usize, 0);
                         hasher.update(piece);

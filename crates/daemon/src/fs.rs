@@ -106,14 +106,12 @@ impl ImageFs {
 
     /// The chunk at blob `offset`, verified, from the cache, and where `offset` falls in it.
     fn blob_chunk(&self, offset: u64) -> Result<(Arc<[u8]>, usize), FsError> {
-        let table = &self.image.table;
-        let index = offset >> table.chunk_bits;
-        let entry = table.entries.get(index as usize).ok_or_else(|| phoenixfs_format::FormatError::Corrupt {
-            what: "chunk index",
-            detail: format!("blob chunk {index} beyond the table"),
-        })?;
-        let data = self.cache.get(entry, self.store.as_ref()).map_err(|source| FsError::Chunk { index, digest: entry.digest, source })?;
-        Ok((data, (offset - (index << table.chunk_bits)) as usize))
+        let chunk = self.image.table.locate(offset)?;
+        let data = self
+            .cache
+            .get(&chunk.entry, self.store.as_ref())
+            .map_err(|source| FsError::Chunk { index: chunk.index as u64, digest: chunk.entry.digest, source })?;
+        Ok((data, chunk.within))
     }
 
     pub fn lookup_child(&self, parent: u64, name: &[u8]) -> Result<Attr, FsError> {

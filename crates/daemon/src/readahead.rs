@@ -77,14 +77,12 @@ impl Shared {
             return;
         }
         let Ok(extents) = self.image.bootstrap.extents(inode, end, self.window) else { return };
-        let chunk_bits = self.image.table.chunk_bits;
         let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         for extent in extents {
             if let ExtentTarget::Blob { offset } = extent.target {
-                let index = (offset >> chunk_bits) as usize;
-                let Some(entry) = self.image.table.entries.get(index) else { continue };
-                if !self.cache.in_memory(&entry.digest) && queue.1.insert(index) {
-                    queue.0.push_back(index);
+                let Ok(chunk) = self.image.table.locate(offset) else { continue };
+                if !self.cache.in_memory(&chunk.entry.digest) && queue.1.insert(chunk.index) {
+                    queue.0.push_back(chunk.index);
                 }
             }
         }
@@ -102,9 +100,11 @@ impl Shared {
                     queue = self.wake.wait(queue).unwrap_or_else(|p| p.into_inner());
                 }
             };
-            let entry = &self.image.table.entries[index];
-            if let Err(error) = self.cache.get(entry, self.store.as_ref()) {
-                debug!(chunk = index, %error, "readahead fetch failed; a reader will retry");
+            // The entry read well when `on_read` located it; the bytes have not changed since.
+            if let Ok(entry) = self.image.table.entry(index) {
+                if let Err(error) = self.cache.get(&entry, self.store.as_ref()) {
+                    debug!(chunk = index, %error, "readahead fetch failed; a reader will retry");
+                }
             }
             self.queue.lock().unwrap_or_else(|p| p.into_inner()).1.remove(&index);
         }

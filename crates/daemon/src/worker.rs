@@ -296,7 +296,7 @@ fn serve_status(session: &Arc<Session>, fs: &Arc<ImageFs>, link: &Arc<HolderLink
             worker_start_ms: start_us as f64 / 1000.0,
             worker_rss_bytes: rss_bytes(std::process::id()).unwrap_or(0),
             holder_rss_bytes: rss_bytes(link.holder_pid.load(Ordering::Relaxed)).unwrap_or(0),
-            image_memory_bytes: fs.image.bootstrap.bytes().len() as u64,
+            image_memory_bytes: fs.image.bytes().len() as u64,
             shared_memory_bytes: cache.shared().map_or(0, SharedChunks::capacity),
             shared_memory_hits: cache.shared().map_or(0, |s| load(&s.stats.hits)),
             shared_memory_discarded: cache.shared().map_or(0, |s| load(&s.stats.discarded)),
@@ -333,7 +333,7 @@ fn prefetch_chunks(fs: &ImageFs, prefetch: &Prefetch, progress: bool) {
     for inode in inodes.iter().filter(|i| i.kind == InodeKind::File) {
         for extent in bootstrap.extents(inode, 0, inode.size()).unwrap_or_default() {
             if let ExtentTarget::Blob { offset } = extent.target {
-                let index = (offset >> fs.image.table.chunk_bits) as usize;
+                let Ok(index) = fs.image.table.locate(offset).map(|chunk| chunk.index) else { continue };
                 if chunks.insert(index) {
                     ordered.push(index);
                 }
@@ -342,8 +342,8 @@ fn prefetch_chunks(fs: &ImageFs, prefetch: &Prefetch, progress: bool) {
     }
     let total = ordered.len();
     for (done, index) in ordered.into_iter().enumerate() {
-        if let Some(entry) = fs.image.table.entries.get(index) {
-            if let Err(error) = fs.cache.get(entry, fs.store.as_ref()) {
+        if let Ok(entry) = fs.image.table.entry(index) {
+            if let Err(error) = fs.cache.get(&entry, fs.store.as_ref()) {
                 warn!(chunk = index, %error, "prefetch fetch failed");
             }
         }

@@ -9,14 +9,20 @@
 //! header  16 bytes  magic "PXCHUNKS", version u16 = 1, chunk_bits u8, reserved u8, count u32
 //! entry   48 bytes  sha256 [32], length u32, stored_length u32, compression u8, reserved [7]
 //! ```
+//!
+//! A builder fills a [`ChunkTable`] and encodes it. A reader never decodes a whole table into
+//! memory: it opens the encoded bytes in place as a [`ChunkTableView`] (header checked, O(1))
+//! and decodes an entry when it needs it. [`ChunkTableView::locate`] is the one place a blob
+//! offset becomes a chunk index and an offset within that chunk.
 
 use std::fmt;
 use std::str::FromStr;
 
 use sha2::{Digest as _, Sha256};
 
+use crate::bytes::ImageBytes;
 use crate::error::FormatError;
-use crate::layout::le32;
+use crate::layout::{le32, slice_at};
 
 pub const MIN_CHUNK_BITS: u8 = 12;
 pub const MAX_CHUNK_BITS: u8 = 26;
@@ -79,6 +85,7 @@ pub struct ChunkEntry {
     pub compression: Compression,
 }
 
+/// A chunk table built in memory, to be encoded into an image file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChunkTable {
     pub chunk_bits: u8,
@@ -86,10 +93,6 @@ pub struct ChunkTable {
 }
 
 impl ChunkTable {
-    pub fn chunk_size(&self) -> u64 {
-        1 << self.chunk_bits
-    }
-
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(TABLE_HEADER_SIZE + self.entries.len() * ENTRY_SIZE);
         out.extend_from_slice(TABLE_MAGIC);
@@ -107,9 +110,43 @@ impl ChunkTable {
         out
     }
 
-    pub fn decode(b: &[u8]) -> Result<Self, FormatError> {
+    /// The blob id: hex sha256 of the encoded table, as the bootstrap's device tag.
+    pub fn blob_tag(&self) -> [u8; 64] {
+        blob_tag_of(&self.encode())
+    }
+}
+
+fn blob_tag_of(encoded_table: &[u8]) -> [u8; 64] {
+    Digest::of(encoded_table).to_hex().into_bytes().try_into().expect("64 hex digits")
+}
+
+/// Where one byte of the blob lives: `within` bytes into blob chunk `index`, whose table entry
+/// is `entry`. `within` may lie beyond `entry.length` (the chunk's tail that reads as zeros).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkLocation {
+    pub index: usize,
+    pub entry: ChunkEntry,
+    pub within: usize,
+}
+
+/// A chunk table read in place from its encoded bytes, which stay shared with the image file.
+///
+/// Opening one checks only the header and that the entries exactly fill the bytes, so it costs
+/// the same for ten entries or ten million; each entry is decoded and checked when it is read,
+/// and a malformed one is an error then. [`ChunkTableView::entries`] reads them all, which is
+/// how [`crate::ImageFile::decode`] proves a whole table sound.
+#[derive(Debug, Clone)]
+pub struct ChunkTableView {
+    bytes: ImageBytes,
+    chunk_bits: u8,
+    len: usize,
+}
+
+impl ChunkTableView {
+    /// Checks the header of the encoded table `bytes` (O(1)); entries are checked when read.
+    pub fn new(bytes: ImageBytes) -> Result<Self, FormatError> {
         let bad = |detail: String| FormatError::corrupt("chunk table", detail);
-        let header = crate::layout::slice_at(b, 0, TABLE_HEADER_SIZE as u64, "chunk table")?;
+        let header = slice_at(&bytes, 0, TABLE_HEADER_SIZE as u64, "chunk table")?;
         if &header[..8] != TABLE_MAGIC {
             return Err(FormatError::BadMagic { what: "chunk table" });
         }
@@ -124,40 +161,89 @@ impl ChunkTable {
         if !(MIN_CHUNK_BITS..=MAX_CHUNK_BITS).contains(&chunk_bits) {
             return Err(FormatError::Unsupported { what: "chunk size bits", value: chunk_bits.into() });
         }
-        let count = le32(header, 12) as usize;
-        let body = &b[TABLE_HEADER_SIZE..];
-        if count.checked_mul(ENTRY_SIZE) != Some(body.len()) {
-            return Err(bad(format!("{count} entries need {} bytes, have {}", count.saturating_mul(ENTRY_SIZE), body.len())));
+        let len = le32(header, 12) as usize;
+        let body_len = bytes.len().saturating_sub(TABLE_HEADER_SIZE);
+        if len.checked_mul(ENTRY_SIZE) != Some(body_len) {
+            return Err(bad(format!("{len} entries need {} bytes, have {body_len}", len.saturating_mul(ENTRY_SIZE))));
         }
-        let chunk_size = 1u64 << chunk_bits;
-        let mut entries = Vec::with_capacity(count);
-        for (i, e) in body.chunks_exact(ENTRY_SIZE).enumerate() {
-            let entry = ChunkEntry {
-                digest: Digest(e[..32].try_into().expect("32 bytes")),
-                length: le32(e, 32),
-                stored_length: le32(e, 36),
-                compression: match e[40] {
-                    0 => Compression::None,
-                    1 => Compression::Zstd,
-                    other => return Err(bad(format!("entry {i} has compression {other}"))),
-                },
-            };
-            if e[41..].iter().any(|&b| b != 0) {
-                return Err(bad(format!("entry {i} has non-zero reserved bytes")));
-            }
-            let raw_mismatch = entry.compression == Compression::None && entry.stored_length != entry.length;
-            if entry.length == 0 || u64::from(entry.length) > chunk_size || entry.stored_length == 0 || raw_mismatch {
-                return Err(bad(format!("entry {i} has length {} stored as {}", entry.length, entry.stored_length)));
-            }
-            entries.push(entry);
-        }
-        Ok(ChunkTable { chunk_bits, entries })
+        Ok(ChunkTableView { bytes, chunk_bits, len })
     }
 
-    /// The blob id: hex sha256 of the encoded table, as the bootstrap's device tag.
-    pub fn blob_tag(&self) -> [u8; 64] {
-        Digest::of(&self.encode()).to_hex().into_bytes().try_into().expect("64 hex digits")
+    pub fn chunk_bits(&self) -> u8 {
+        self.chunk_bits
     }
+
+    pub fn chunk_size(&self) -> u64 {
+        1 << self.chunk_bits
+    }
+
+    /// Number of entries: blob chunks.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Size of the blob's address space: every chunk counted at the full chunk size.
+    pub fn blob_len(&self) -> u64 {
+        (self.len as u64) << self.chunk_bits
+    }
+
+    /// Entry `index`, decoded and checked.
+    pub fn entry(&self, index: usize) -> Result<ChunkEntry, FormatError> {
+        if index >= self.len {
+            return Err(FormatError::corrupt("chunk table", format!("no entry {index} in a table of {}", self.len)));
+        }
+        let at = (TABLE_HEADER_SIZE + index * ENTRY_SIZE) as u64;
+        decode_entry(slice_at(&self.bytes, at, ENTRY_SIZE as u64, "chunk table entry")?, self.chunk_bits, index)
+    }
+
+    /// Every entry in blob order, each decoded and checked as it is reached.
+    pub fn entries(&self) -> impl ExactSizeIterator<Item = Result<ChunkEntry, FormatError>> + '_ {
+        (0..self.len).map(|index| self.entry(index))
+    }
+
+    /// The chunk holding blob byte `blob_offset`, and where in it: the one place a blob offset
+    /// becomes a chunk. An offset beyond the table is an error, as is a malformed entry.
+    pub fn locate(&self, blob_offset: u64) -> Result<ChunkLocation, FormatError> {
+        let index = blob_offset >> self.chunk_bits;
+        if index >= self.len as u64 {
+            return Err(FormatError::BeyondBlob { offset: blob_offset, blob_len: self.blob_len() });
+        }
+        let within = (blob_offset & (self.chunk_size() - 1)) as usize;
+        let index = index as usize;
+        Ok(ChunkLocation { index, entry: self.entry(index)?, within })
+    }
+
+    /// The blob id this table must be named by: hashes the whole table.
+    pub fn blob_tag(&self) -> [u8; 64] {
+        blob_tag_of(&self.bytes)
+    }
+}
+
+/// Decodes and checks the encoded entry `e`, entry `index` of a table of `chunk_bits`.
+fn decode_entry(e: &[u8], chunk_bits: u8, index: usize) -> Result<ChunkEntry, FormatError> {
+    let bad = |detail: String| FormatError::corrupt("chunk table", detail);
+    let entry = ChunkEntry {
+        digest: Digest(e[..32].try_into().expect("32 bytes")),
+        length: le32(e, 32),
+        stored_length: le32(e, 36),
+        compression: match e[40] {
+            0 => Compression::None,
+            1 => Compression::Zstd,
+            other => return Err(bad(format!("entry {index} has compression {other}"))),
+        },
+    };
+    if e[41..ENTRY_SIZE].iter().any(|&b| b != 0) {
+        return Err(bad(format!("entry {index} has non-zero reserved bytes")));
+    }
+    let raw_mismatch = entry.compression == Compression::None && entry.stored_length != entry.length;
+    if entry.length == 0 || u64::from(entry.length) > 1u64 << chunk_bits || entry.stored_length == 0 || raw_mismatch {
+        return Err(bad(format!("entry {index} has length {} stored as {}", entry.length, entry.stored_length)));
+    }
+    Ok(entry)
 }
 
 /// Compresses one chunk for storage (zstd at `level`), or keeps it raw when that saves little.
@@ -232,24 +318,125 @@ mod tests {
         assert!("zz".parse::<Digest>().is_err());
     }
 
+    fn table_of(chunk_bits: u8, lengths: &[u32]) -> ChunkTable {
+        ChunkTable {
+            chunk_bits,
+            entries: lengths
+                .iter()
+                .enumerate()
+                .map(|(i, &length)| ChunkEntry {
+                    digest: Digest::of(&(i as u64).to_le_bytes()),
+                    length,
+                    stored_length: length,
+                    compression: Compression::None,
+                })
+                .collect(),
+        }
+    }
+
+    fn view_of(table: &ChunkTable) -> ChunkTableView {
+        ChunkTableView::new(table.encode().into()).unwrap()
+    }
+
+    /// Reads every entry and locates offsets all over (and past) the blob; errors are fine.
+    fn read_everything(view: &ChunkTableView) {
+        let _ = view.entries().collect::<Vec<_>>();
+        let _ = view.entry(view.len());
+        for offset in [0, view.chunk_size() - 1, view.chunk_size(), view.blob_len().saturating_sub(1), view.blob_len(), u64::MAX] {
+            let _ = view.locate(offset);
+        }
+    }
+
+    #[test]
+    fn locate_finds_chunk_boundaries_and_refuses_offsets_past_the_blob() {
+        let table = table_of(12, &[4096, 4096, 100]);
+        let view = view_of(&table);
+        let at = |offset| view.locate(offset).map(|l| (l.index, l.within, l.entry));
+        assert_eq!(at(0), Ok((0, 0, table.entries[0])));
+        assert_eq!(at(4095), Ok((0, 4095, table.entries[0])));
+        assert_eq!(at(4096), Ok((1, 0, table.entries[1])));
+        assert_eq!(at(2 * 4096 + 99), Ok((2, 99, table.entries[2])));
+        // Past the last chunk's data but inside its chunk-size slot: its zero tail.
+        assert_eq!(at(3 * 4096 - 1), Ok((2, 4095, table.entries[2])));
+        for past in [3 * 4096, 3 * 4096 + 1, 1 << 40, u64::MAX] {
+            assert_eq!(view.locate(past), Err(FormatError::BeyondBlob { offset: past, blob_len: 3 * 4096 }));
+        }
+        let empty = view_of(&table_of(20, &[]));
+        assert!(empty.is_empty());
+        assert_eq!(empty.locate(0), Err(FormatError::BeyondBlob { offset: 0, blob_len: 0 }));
+    }
+
+    #[test]
+    fn a_malformed_entry_is_an_error_when_met_and_its_neighbours_still_read() {
+        let table = table_of(12, &[4096, 4096, 4096]);
+        let mut bytes = table.encode();
+        bytes[TABLE_HEADER_SIZE + ENTRY_SIZE + 40] = 9;
+        let view = ChunkTableView::new(bytes.into()).unwrap();
+        assert_eq!(view.entry(0), Ok(table.entries[0]));
+        assert!(matches!(view.entry(1), Err(FormatError::Corrupt { .. })));
+        assert!(matches!(view.locate(4096 + 5), Err(FormatError::Corrupt { .. })));
+        assert_eq!(view.locate(2 * 4096).map(|l| l.entry), Ok(table.entries[2]));
+        assert!(view.entries().any(|e| e.is_err()));
+        assert!(view.entry(3).is_err());
+    }
+
     proptest! {
         #[test]
         fn table_round_trips(lengths in proptest::collection::vec(1u32..=4096, 0..50)) {
-            let table = ChunkTable {
-                chunk_bits: 12,
-                entries: lengths.iter().map(|&l| ChunkEntry {
-                    digest: Digest::of(&l.to_le_bytes()),
-                    length: l,
-                    stored_length: l,
-                    compression: Compression::None,
-                }).collect(),
-            };
-            prop_assert_eq!(ChunkTable::decode(&table.encode()).unwrap(), table);
+            let table = table_of(12, &lengths);
+            let view = view_of(&table);
+            prop_assert_eq!(view.chunk_bits(), 12);
+            prop_assert_eq!(view.len(), lengths.len());
+            prop_assert_eq!(view.entries().collect::<Result<Vec<_>, _>>().unwrap(), table.entries.clone());
+            prop_assert_eq!(view.blob_tag(), table.blob_tag());
+        }
+
+        /// The index and offset within recompose the blob offset (checked with division, not
+        /// with the shifts `locate` uses); offsets past the blob are refused.
+        #[test]
+        fn locate_recomposes_every_offset(
+            chunk_bits in MIN_CHUNK_BITS..=MAX_CHUNK_BITS,
+            count in 0usize..40,
+            raw in any::<u64>(),
+            anywhere in any::<bool>(),
+        ) {
+            let chunk_size = 1u64 << chunk_bits;
+            let lengths: Vec<u32> = (0..count).map(|i| (chunk_size - i as u64 % chunk_size) as u32).collect();
+            let table = table_of(chunk_bits, &lengths);
+            let view = view_of(&table);
+            let blob_len = count as u64 * chunk_size;
+            let offset = if anywhere { raw } else { raw % (blob_len + 2 * chunk_size) };
+            match view.locate(offset) {
+                Ok(location) => {
+                    prop_assert!(offset < blob_len);
+                    prop_assert_eq!(location.index as u64, offset / chunk_size);
+                    prop_assert_eq!(location.within as u64, offset % chunk_size);
+                    prop_assert_eq!(location.index as u64 * chunk_size + location.within as u64, offset);
+                    prop_assert_eq!(location.entry, table.entries[location.index]);
+                }
+                Err(error) => {
+                    prop_assert!(offset >= blob_len);
+                    prop_assert_eq!(error, FormatError::BeyondBlob { offset, blob_len });
+                }
+            }
         }
 
         #[test]
         fn garbage_tables_are_rejected_not_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
-            let _ = ChunkTable::decode(&bytes);
+            if let Ok(view) = ChunkTableView::new(bytes.into()) {
+                read_everything(&view);
+            }
+        }
+
+        #[test]
+        fn garbage_entries_behind_a_valid_header_never_panic(
+            chunk_bits in MIN_CHUNK_BITS..=MAX_CHUNK_BITS,
+            entries in proptest::collection::vec(proptest::collection::vec(any::<u8>(), ENTRY_SIZE), 0..8),
+        ) {
+            let mut bytes = table_of(chunk_bits, &vec![1; entries.len()]).encode();
+            bytes.truncate(TABLE_HEADER_SIZE);
+            bytes.extend(entries.iter().flatten());
+            read_everything(&ChunkTableView::new(bytes.into()).unwrap());
         }
 
         #[test]
@@ -265,8 +452,10 @@ mod tests {
             };
             let mut bytes = table.encode();
             bytes[flip] ^= 1 << bit;
-            let _ = ChunkTable::decode(&bytes);
-            prop_assert!(ChunkTable::decode(&table.encode()[..cut]).is_err());
+            if let Ok(view) = ChunkTableView::new(bytes.into()) {
+                read_everything(&view);
+            }
+            prop_assert!(ChunkTableView::new(table.encode()[..cut].to_vec().into()).is_err());
         }
     }
 }

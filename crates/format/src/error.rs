@@ -16,6 +16,8 @@ pub enum FormatError {
     Corrupt { what: &'static str, detail: String },
     #[error("checksum mismatch in {what}")]
     Checksum { what: &'static str },
+    #[error("blob offset {offset} is beyond the blob's {blob_len} bytes")]
+    BeyondBlob { offset: u64, blob_len: u64 },
     #[error("inode {nid} is not a {expected}")]
     WrongType { nid: u64, expected: &'static str },
     #[error("chunk {digest} is corrupt: {detail}")]

@@ -7,11 +7,23 @@
 //!
 //! The footer's own checksum lets a file read from a path (which has no id to check against)
 //! prove it is whole; an image fetched by id is also checked against the id.
+//!
+//! Two ways to open image file bytes:
+//! - [`ImageFile::decode`] trusts nothing: it hashes every byte and reads every chunk table
+//!   entry. Anything read from a file, a store or a network goes through it, once.
+//! - [`ImageFile::from_verified`] opens bytes that `decode` has already proven, such as a
+//!   read-only mapping of the sealed memfd a holder wrote after decoding, in constant time:
+//!   it reads the footer, the superblock block and the table header, and nothing else. Every
+//!   accessor still checks what it reads, so bytes that were not in fact verified can cost
+//!   errors and wrong answers, never a panic.
 
 use std::fmt;
 use std::str::FromStr;
 
-use crate::chunk::{ChunkTable, Digest};
+use sha2::{Digest as _, Sha256};
+
+use crate::bytes::ImageBytes;
+use crate::chunk::{ChunkTable, ChunkTableView, Digest};
 use crate::error::FormatError;
 use crate::layout::{le32, le64, BLOCK_SIZE};
 use crate::reader::Bootstrap;
@@ -44,12 +56,48 @@ impl FromStr for ImageId {
     }
 }
 
-/// A decoded image file.
+/// An opened image file: its bootstrap and chunk table are views of its one shared buffer.
 #[derive(Debug, Clone)]
 pub struct ImageFile {
     pub id: ImageId,
     pub bootstrap: Bootstrap,
-    pub table: ChunkTable,
+    pub table: ChunkTableView,
+    bytes: ImageBytes,
+}
+
+/// What the footer says, checked against the length of the bytes it ends.
+struct Footer {
+    bootstrap_len: usize,
+    table_len: usize,
+    checksum: [u8; 32],
+}
+
+impl Footer {
+    fn read(image_file: &[u8]) -> Result<Self, FormatError> {
+        let len = image_file.len();
+        let Some(body_len) = len.checked_sub(FOOTER_SIZE) else {
+            return Err(FormatError::Truncated { what: "image footer", start: 0, end: FOOTER_SIZE as u64, len: len as u64 });
+        };
+        let footer = &image_file[body_len..];
+        if &footer[..8] != FOOTER_MAGIC {
+            return Err(FormatError::BadMagic { what: "image footer" });
+        }
+        if le32(footer, 8) != FOOTER_VERSION {
+            return Err(FormatError::Unsupported { what: "image version", value: le32(footer, 8).into() });
+        }
+        if le32(footer, 12) != 0 {
+            return Err(FormatError::corrupt("image footer", "reserved bytes are not zero"));
+        }
+        let (bootstrap_len, table_len) = (le64(footer, 16), le64(footer, 24));
+        if bootstrap_len.checked_add(table_len) != Some(body_len as u64) || bootstrap_len % BLOCK_SIZE as u64 != 0 {
+            return Err(FormatError::corrupt("image footer", format!("lengths {bootstrap_len} + {table_len} != {body_len}")));
+        }
+        Ok(Footer {
+            bootstrap_len: bootstrap_len as usize,
+            table_len: table_len as usize,
+            checksum: footer[32..64].try_into().expect("32 bytes"),
+        })
+    }
 }
 
 impl ImageFile {
@@ -70,49 +118,71 @@ impl ImageFile {
         out
     }
 
-    /// Parses and checks image file bytes: footer, checksum, bootstrap, table, and that the
-    /// bootstrap's blob is this table's.
-    pub fn decode(mut bytes: Vec<u8>) -> Result<Self, FormatError> {
-        let id = ImageId::of(&bytes);
-        let len = bytes.len();
-        if len < FOOTER_SIZE {
-            return Err(FormatError::Truncated { what: "image footer", start: 0, end: FOOTER_SIZE as u64, len: len as u64 });
-        }
-        let body_len = len - FOOTER_SIZE;
-        let footer = &bytes[body_len..];
-        if &footer[..8] != FOOTER_MAGIC {
-            return Err(FormatError::BadMagic { what: "image footer" });
-        }
-        if le32(footer, 8) != FOOTER_VERSION {
-            return Err(FormatError::Unsupported { what: "image version", value: le32(footer, 8).into() });
-        }
-        if le32(footer, 12) != 0 {
-            return Err(FormatError::corrupt("image footer", "reserved bytes are not zero"));
-        }
-        let (bootstrap_len, table_len) = (le64(footer, 16), le64(footer, 24));
-        if bootstrap_len.checked_add(table_len) != Some(body_len as u64) || bootstrap_len % BLOCK_SIZE as u64 != 0 {
-            return Err(FormatError::corrupt("image footer", format!("lengths {bootstrap_len} + {table_len} != {body_len}")));
-        }
-        if Digest::of(&bytes[..body_len]).0 != footer[32..64] {
+    /// Opens and proves image file bytes of unknown origin: footer, checksum, every chunk table
+    /// entry, and that the bootstrap's blob is this table's; the id is the sha256 of `bytes`.
+    /// One sha256 pass over the file gives both checksum and id, a second one over the table
+    /// its blob tag.
+    pub fn decode(bytes: impl Into<ImageBytes>) -> Result<Self, FormatError> {
+        let bytes = bytes.into();
+        let file: &[u8] = &bytes;
+        let footer = Footer::read(file)?;
+        let body_len = footer.bootstrap_len + footer.table_len;
+        let mut hasher = Sha256::new();
+        hasher.update(&file[..body_len]);
+        if hasher.clone().finalize()[..] != footer.checksum {
             return Err(FormatError::Checksum { what: "image file" });
         }
-        let table = ChunkTable::decode(&bytes[bootstrap_len as usize..body_len])?;
-        bytes.truncate(bootstrap_len as usize);
-        let bootstrap = Bootstrap::new(bytes)?;
-        match bootstrap.blob() {
-            Some((tag, blob_len)) => {
-                if *tag != table.blob_tag() {
-                    return Err(FormatError::corrupt("image", "bootstrap names another chunk table"));
-                }
-                if blob_len != (table.entries.len() as u64) << table.chunk_bits {
-                    return Err(FormatError::corrupt("image", "blob size does not match the chunk table"));
-                }
+        hasher.update(&file[body_len..]);
+        let id = ImageId(Digest(hasher.finalize().into()));
+        let image = ImageFile::open(bytes, id, &footer)?;
+        for entry in image.table.entries() {
+            entry?;
+        }
+        if let Some((tag, _)) = image.bootstrap.blob() {
+            if *tag != image.table.blob_tag() {
+                return Err(FormatError::corrupt("image", "bootstrap names another chunk table"));
             }
-            None if !table.entries.is_empty() => {
+        }
+        Ok(image)
+    }
+
+    /// Opens image file bytes named `id` that [`ImageFile::decode`] has already proven (the
+    /// caller vouches for both), in constant time: no hashing, no copy, no work per inode or
+    /// chunk. It checks what it reads (footer, superblock, device slot, table header, blob
+    /// size); all else is checked when read, so unproven bytes give errors, never a panic.
+    pub fn from_verified(bytes: impl Into<ImageBytes>, id: ImageId) -> Result<Self, FormatError> {
+        let bytes = bytes.into();
+        let footer = Footer::read(&bytes)?;
+        ImageFile::open(bytes, id, &footer)
+    }
+
+    /// The whole image file, as opened: what a verifier hands on to [`ImageFile::from_verified`].
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Everything both ways of opening check: the structure of the bytes, in constant time.
+    fn open(bytes: ImageBytes, id: ImageId, footer: &Footer) -> Result<Self, FormatError> {
+        let body_len = footer.bootstrap_len + footer.table_len;
+        let part = |range: std::ops::Range<usize>, what| {
+            bytes.slice(range.clone()).ok_or(FormatError::Truncated {
+                what,
+                start: range.start as u64,
+                end: range.end as u64,
+                len: bytes.len() as u64,
+            })
+        };
+        let table = ChunkTableView::new(part(footer.bootstrap_len..body_len, "chunk table")?)?;
+        let bootstrap = Bootstrap::new(part(0..footer.bootstrap_len, "bootstrap")?)?;
+        match bootstrap.blob() {
+            Some((_, blob_len)) if blob_len != table.blob_len() => {
+                return Err(FormatError::corrupt("image", "blob size does not match the chunk table"));
+            }
+            None if !table.is_empty() => {
                 return Err(FormatError::corrupt("image", "chunk table without a blob device"));
             }
-            None => {}
+            _ => {}
         }
-        Ok(ImageFile { id, bootstrap, table })
+        Ok(ImageFile { id, bootstrap, table, bytes })
     }
 }

@@ -7,6 +7,7 @@
 
 use std::collections::HashSet;
 
+use crate::bytes::ImageBytes;
 use crate::error::FormatError;
 use crate::layout::{
     self, le16, le32, le64, slice_at, DataLayout, DeviceSlot, InodeCore, SuperBlock, BLOCK_BITS,
@@ -100,17 +101,19 @@ pub enum ExtentTarget {
     Blob { offset: u64 },
 }
 
-/// A bootstrap held in memory.
+/// A bootstrap read in place from shared image bytes (see [`ImageBytes`]).
 #[derive(Debug, Clone)]
 pub struct Bootstrap {
-    data: Vec<u8>,
+    data: ImageBytes,
     sb: SuperBlock,
     blob: Option<DeviceSlot>,
 }
 
 impl Bootstrap {
-    /// Parses the superblock and device table of `data`.
-    pub fn new(data: Vec<u8>) -> Result<Self, FormatError> {
+    /// Parses the superblock and device table of `data`, and nothing else: opening costs the
+    /// same at any size, and every other structure is checked when it is read.
+    pub fn new(data: impl Into<ImageBytes>) -> Result<Self, FormatError> {
+        let data = data.into();
         let sb = SuperBlock::read_from(&data)?;
         let declared = u64::from(sb.blocks) << BLOCK_BITS;
         if declared > data.len() as u64 {

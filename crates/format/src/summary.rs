@@ -1,6 +1,6 @@
-//! What an image holds, counted by walking its whole bootstrap. The walk also validates every
-//! inode, xattr area, symlink and chunk index on the way, so a summary that succeeds means the
-//! bootstrap is readable from end to end.
+//! What an image holds, counted by walking its whole bootstrap and chunk table. The walk also
+//! validates every inode, xattr area, symlink, chunk index and chunk table entry on the way, so
+//! a summary that succeeds means the image is readable from end to end.
 
 use std::collections::HashSet;
 
@@ -50,12 +50,15 @@ pub fn summarize(image: &ImageFile) -> Result<Summary, FormatError> {
     let bootstrap = &image.bootstrap;
     let mut summary = Summary {
         chunk_size: image.table.chunk_size(),
-        chunks: image.table.entries.len() as u64,
-        chunk_bytes: image.table.entries.iter().map(|e| u64::from(e.length)).sum(),
-        stored_chunk_bytes: image.table.entries.iter().map(|e| u64::from(e.stored_length)).sum(),
+        chunks: image.table.len() as u64,
         bootstrap_bytes: bootstrap.bytes().len() as u64,
         ..Default::default()
     };
+    for entry in image.table.entries() {
+        let entry = entry?;
+        summary.chunk_bytes += u64::from(entry.length);
+        summary.stored_chunk_bytes += u64::from(entry.stored_length);
+    }
     let mut seen = HashSet::new();
     for (_, inode) in bootstrap.walk()? {
         summary.paths += 1;

@@ -1,10 +1,14 @@
 //! The reader never trusts an image: truncated, bit-flipped and garbage bootstraps and image
-//! files give errors, never panics or endless loops.
+//! files give errors, never panics or endless loops, whether they are opened with
+//! `ImageFile::decode` (which proves them) or `ImageFile::from_verified` (which takes the
+//! caller's word and leaves every check to the accessors).
 
 use phoenixfs_format::summary::summarize;
 use phoenixfs_format::tree::{Attr, FileData, Node, NodeKind, Tree, TreeEntry, Xattr};
 use phoenixfs_format::writer::{write_bootstrap, BlobDevice};
-use phoenixfs_format::{Bootstrap, ChunkEntry, ChunkTable, Compression, Digest, ExtentTarget, ImageFile, InodeKind};
+use phoenixfs_format::{
+    Bootstrap, ChunkEntry, ChunkTable, Compression, Digest, Extent, ExtentTarget, FormatError, ImageFile, ImageId, InodeKind,
+};
 use proptest::prelude::*;
 
 fn node(kind: NodeKind) -> Node {
@@ -45,6 +49,11 @@ fn sample() -> (Vec<u8>, ChunkTable) {
 /// Uses every reader entry point on whatever `bytes` is; errors are fine, panics are not.
 fn exercise(bytes: Vec<u8>) {
     let Ok(b) = Bootstrap::new(bytes) else { return };
+    exercise_bootstrap(&b, &mut |_| {});
+}
+
+/// Every bootstrap accessor on every path `b` yields; `on_blob` gets each blob extent.
+fn exercise_bootstrap(b: &Bootstrap, on_blob: &mut dyn FnMut(&Extent)) {
     let Ok(paths) = b.walk() else { return };
     for (path, inode) in paths {
         let _ = b.resolve(&path);
@@ -53,12 +62,53 @@ fn exercise(bytes: Vec<u8>) {
             InodeKind::Dir => {
                 let _ = b.lookup(&inode, b"f0100");
                 let _ = b.lookup(&inode, b"zzz");
+                let _ = b.for_each_dir_entry(&inode, 5, &mut |_, _| true);
             }
             InodeKind::Symlink => drop(b.read_link(&inode)),
-            InodeKind::File => drop(b.extents(&inode, 0, u64::MAX)),
+            InodeKind::File => {
+                for extent in b.extents(&inode, 0, u64::MAX).unwrap_or_default() {
+                    match extent.target {
+                        // The daemon slices bootstrap extents without another check.
+                        ExtentTarget::Bootstrap { offset } => {
+                            assert!(offset.checked_add(extent.len).is_some_and(|end| end <= b.bytes().len() as u64))
+                        }
+                        ExtentTarget::Blob { .. } => on_blob(&extent),
+                        ExtentTarget::Hole => {}
+                    }
+                }
+            }
             _ => {}
         }
     }
+}
+/// Every image and chunk table accessor, as a daemon uses them, on an opened image.
+fn exercise_image(image: &ImageFile) {
+    let table = &image.table;
+    exercise_bootstrap(&image.bootstrap, &mut |extent| {
+        let ExtentTarget::Blob { offset } = extent.target else { return };
+        for at in [offset, offset + extent.len - 1] {
+            // Opening checked the blob size against the table, and extents against the blob.
+            assert!(!matches!(table.locate(at), Err(FormatError::BeyondBlob { .. })), "blob extent at {at} beyond the table");
+        }
+    });
+    let _ = table.entries().collect::<Vec<_>>();
+    let _ = table.entry(table.len());
+    for offset in [0, table.blob_len().saturating_sub(1), table.blob_len(), u64::MAX] {
+        let _ = table.locate(offset);
+    }
+    let _ = summarize(image);
+}
+
+/// `from_verified` on a damaged copy of the sample; errors are fine, panics are not.
+fn exercise_unverified(file: Vec<u8>) {
+    if let Ok(image) = ImageFile::from_verified(file, ImageId(Digest::of(b"claimed"))) {
+        exercise_image(&image);
+    }
+}
+
+fn sample_file() -> Vec<u8> {
+    let (bootstrap, table) = sample();
+    ImageFile::encode(&bootstrap, &table)
 }
 
 #[test]
@@ -120,6 +170,92 @@ proptest! {
         mixed.extend(garbage);
         exercise(mixed);
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 600, ..ProptestConfig::default() })]
+
+    /// `from_verified` checks no checksum, so flipped bytes reach every accessor.
+    #[test]
+    fn bit_flipped_image_files_opened_as_verified_never_panic(flips in proptest::collection::vec((any::<usize>(), 0u8..8), 1..4)) {
+        let mut file = sample_file();
+        for (at, bit) in flips {
+            let at = at % file.len();
+            file[at] ^= 1 << bit;
+        }
+        exercise_unverified(file);
+    }
+
+    /// The same, with flips only in the metadata blocks and the table, where they hurt most.
+    #[test]
+    fn flipped_metadata_and_table_bytes_opened_as_verified_never_panic(at in 1024usize..8192, in_table in any::<bool>(), value in any::<u8>()) {
+        let mut file = sample_file();
+        let (bootstrap, _) = sample();
+        let at = if in_table { bootstrap.len() + at % (file.len() - 64 - bootstrap.len()) } else { at };
+        file[at] = value;
+        exercise_unverified(file);
+    }
+
+    #[test]
+    fn garbage_windows_in_image_files_opened_as_verified_never_panic(start in any::<usize>(), garbage in proptest::collection::vec(any::<u8>(), 1..12000)) {
+        let mut file = sample_file();
+        let start = start % file.len();
+        let end = (start + garbage.len()).min(file.len());
+        file[start..end].copy_from_slice(&garbage[..end - start]);
+        exercise_unverified(file);
+    }
+
+    #[test]
+    fn truncated_and_garbage_image_files_opened_as_verified_never_panic(keep in any::<usize>(), garbage in proptest::collection::vec(any::<u8>(), 0..200)) {
+        let file = sample_file();
+        exercise_unverified(file[..keep % file.len()].to_vec());
+        exercise_unverified(garbage);
+    }
+}
+
+/// Opening proven bytes in constant time gives the same answers as proving them.
+#[test]
+fn from_verified_answers_as_decode_does() {
+    let decoded = ImageFile::decode(sample_file()).unwrap();
+    let opened = ImageFile::from_verified(decoded.bytes().to_vec(), decoded.id).unwrap();
+    assert_eq!(opened.id, decoded.id);
+    assert_eq!(opened.bytes(), decoded.bytes());
+    assert_eq!(opened.bootstrap.bytes(), decoded.bootstrap.bytes());
+    assert_eq!(opened.bootstrap.blob(), decoded.bootstrap.blob());
+    assert_eq!(opened.bootstrap.superblock(), decoded.bootstrap.superblock());
+    assert_eq!(opened.table.chunk_bits(), decoded.table.chunk_bits());
+    assert_eq!(opened.table.entries().collect::<Vec<_>>(), decoded.table.entries().collect::<Vec<_>>());
+    assert_eq!(opened.table.blob_tag(), decoded.table.blob_tag());
+    let (a, b) = (&decoded.bootstrap, &opened.bootstrap);
+    let paths = a.walk().unwrap();
+    assert_eq!(b.walk().unwrap(), paths);
+    for (path, inode) in &paths {
+        assert_eq!(b.resolve(path).unwrap().as_ref(), Some(inode));
+        assert_eq!(b.inode(inode.nid).unwrap(), *inode);
+        assert_eq!(b.xattrs(inode).unwrap(), a.xattrs(inode).unwrap());
+        match inode.kind {
+            InodeKind::Dir => assert_eq!(b.read_dir(inode).unwrap(), a.read_dir(inode).unwrap()),
+            InodeKind::Symlink => assert_eq!(b.read_link(inode).unwrap(), a.read_link(inode).unwrap()),
+            InodeKind::File => {
+                let extents = a.extents(inode, 0, inode.size()).unwrap();
+                assert_eq!(b.extents(inode, 0, inode.size()).unwrap(), extents);
+                for extent in extents {
+                    if let ExtentTarget::Blob { offset } = extent.target {
+                        assert_eq!(opened.table.locate(offset).unwrap(), decoded.table.locate(offset).unwrap());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(summarize(&opened).unwrap(), summarize(&decoded).unwrap());
+}
+
+/// The id `decode` gives is the sha256 of the whole file, as `ImageId::of` computes it.
+#[test]
+fn decode_names_an_image_by_the_sha256_of_all_its_bytes() {
+    let file = sample_file();
+    assert_eq!(ImageFile::decode(file.clone()).unwrap().id, ImageId::of(&file));
 }
 
 /// Exhaustive: a flip of any byte, and a cut at any length, is rejected.

@@ -23,7 +23,10 @@ pub enum ImageLoadError {
     WrongId { id: ImageId, store: String, actual: ImageId },
 }
 
-/// Loads and checks the image `name`: a file if one exists at that path, else an id in `store`.
+/// Loads the image `name` (a file if one exists at that path, else an id in `store`) and proves
+/// it with [`ImageFile::decode`]: every byte hashed, every chunk table entry checked. The
+/// result's bytes ([`ImageFile::bytes`]) can then be opened again, without that cost, by
+/// [`ImageFile::from_verified`].
 pub fn load_image(name: &str, store: Option<&dyn ChunkStore>) -> Result<ImageFile, ImageLoadError> {
     let path = Path::new(name);
     if path.exists() {

@@ -14,12 +14,12 @@ pub fn run(image: &str, store: &Path, output: &Path) -> Result<ExitCode> {
     let store = LocalStore::open(store)?;
     let file = image_arg::load(image, Some(&store))?;
     let out = File::create(output).with_context(|| format!("creating {}", output.display()))?;
-    let blob_len = (file.table.entries.len() as u64) << file.table.chunk_bits;
-    out.set_len(blob_len).with_context(|| format!("sizing {}", output.display()))?;
-    for (index, entry) in file.table.entries.iter().enumerate() {
+    out.set_len(file.table.blob_len()).with_context(|| format!("sizing {}", output.display()))?;
+    for (index, entry) in file.table.entries().enumerate() {
+        let entry = entry.with_context(|| format!("image {image} is corrupt"))?;
         let stored = store.get_chunk(&entry.digest)?;
-        let data = decode_chunk(entry, &stored).with_context(|| format!("in store {}", store.location()))?;
-        out.write_all_at(&data, (index as u64) << file.table.chunk_bits)
+        let data = decode_chunk(&entry, &stored).with_context(|| format!("in store {}", store.location()))?;
+        out.write_all_at(&data, index as u64 * file.table.chunk_size())
             .with_context(|| format!("writing {}", output.display()))?;
     }
     Ok(ExitCode::SUCCESS)

@@ -11,7 +11,7 @@ pub fn run(image: &str, store: &Path) -> Result<ExitCode> {
     let store = LocalStore::open(store)?;
     let file = image_arg::load(image, Some(&store))?;
     summarize(&file).with_context(|| format!("image {image} is corrupt"))?;
-    let problems = verify_chunks(&store, &file.table, &|_| {});
+    let problems = verify_chunks(&store, &file.table, &|_| {}).with_context(|| format!("image {image} is corrupt"))?;
     for (index, entry, problem) in &problems {
         match problem {
             ChunkProblem::Missing => eprintln!("missing chunk {} (blob chunk {index})", entry.digest),
@@ -19,7 +19,7 @@ pub fn run(image: &str, store: &Path) -> Result<ExitCode> {
             ChunkProblem::Unreadable(why) => eprintln!("unreadable chunk {} (blob chunk {index}): {why}", entry.digest),
         }
     }
-    let total = file.table.entries.len();
+    let total = file.table.len();
     if problems.is_empty() {
         println!("ok: image {} and all {total} chunks verified", file.id);
         Ok(ExitCode::SUCCESS)
