@@ -83,7 +83,10 @@ pub fn run_worker() -> Result<(), MountError> {
     let start_us = monotonic_ns().saturating_sub(link.state.lock().unwrap_or_else(|p| p.into_inner()).launched_at_ns) / 1000;
     serve_status(&session, &fs, &link, start_us)?;
     link.tell(&Message::Ready { pid: std::process::id() });
-    info!(start_ms = start_us as f64 / 1000.0, "serving: from launch to ready");
+    {
+        let state = link.state.lock().unwrap_or_else(|p| p.into_inner());
+        info!(mountpoint = %state.spec.mountpoint.display(), image = %state.image_id, takeover = ?state.takeover, start_ms = start_us as f64 / 1000.0, "worker serving");
+    }
     {
         let (session, link) = (session.clone(), link.clone());
         spawn_thread("holder-link", move || follow_holder(&session, &link))?;
@@ -146,7 +149,6 @@ fn start_serving(state: &State, session: &Session, image: &OwnedFd, chunks: Opti
         let (fs, prefetch, progress) = (fs.clone(), spec.prefetch.clone(), spec.progress);
         spawn_thread("prefetch", move || prefetch_chunks(&fs, &prefetch, progress))?;
     }
-    info!(mountpoint = %spec.mountpoint.display(), image = %state.image_id, takeover = ?state.takeover, "worker serving");
     Ok(fs)
 }
 

@@ -7,7 +7,6 @@ use anyhow::{Context, Result};
 use phoenixfs_daemon::{query_status, MountConfig, MountSpec, Prefetch, Unmounted};
 use phoenixfs_store::LocalStore;
 
-use crate::image_arg;
 
 pub struct MountArgs {
     pub image: String,
@@ -34,10 +33,9 @@ fn default_cache_dir() -> PathBuf {
 
 pub fn run(args: MountArgs) -> Result<ExitCode> {
     phoenixfs_daemon::preflight(&args.mountpoint)?;
-    // Load once here so that a bad image or store is reported before anything is mounted;
-    // the worker loads it again from the same names.
+    // The daemon loads and verifies the image once, before it mounts anything: a bad image
+    // or store is reported then, in one line.
     let store = LocalStore::open(&args.store)?;
-    image_arg::load(&args.image, Some(&store))?;
     let image = match std::fs::canonicalize(&args.image) {
         Ok(path) => path.display().to_string(),
         Err(_) => args.image.clone(),
