@@ -34,7 +34,7 @@ use phoenixfs_store::{ChunkStore, StoreError};
 use thiserror::Error;
 use tracing::{debug, warn};
 
-pub use crate::shared::SharedChunks;
+pub use crate::shared::{process_alive, SharedChunks};
 
 /// Fetch attempts before a chunk is given up on (the store may be restarting, or flaky).
 const FETCH_ATTEMPTS: u32 = 5;
@@ -121,7 +121,7 @@ impl ChunkCache {
         fs::create_dir_all(&tmp_root).map_err(io_error(&tmp_root))?;
         for entry in fs::read_dir(&tmp_root).map_err(io_error(&tmp_root))? {
             let path = entry.map_err(io_error(&tmp_root))?.path();
-            let owner_alive = path.file_name().and_then(|n| n.to_str()).is_some_and(|pid| Path::new("/proc").join(pid).exists());
+            let owner_alive = path.file_name().and_then(|n| n.to_str()).and_then(|pid| pid.parse().ok()).is_some_and(process_alive);
             if !owner_alive {
                 let _ = fs::remove_dir_all(&path);
             }

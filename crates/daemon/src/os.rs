@@ -3,6 +3,8 @@
 use std::fs;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
+pub use phoenixfs_cache::process_alive;
+
 use crate::error::MountError;
 
 /// Starts a named daemon thread; failing to is an error of the daemon's start-up.
@@ -14,14 +16,6 @@ pub(crate) fn spawn_thread(name: &str, body: impl FnOnce() + Send + 'static) -> 
         .map_err(|source| MountError::Io { what: format!("spawning the {name} thread"), source })
 }
 
-/// Whether `pid` is a live process (a zombie has exited; only its parent has yet to notice).
-pub fn process_alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name, which may itself hold ") ".
-        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
-        Err(_) => false,
-    }
-}
 
 /// Background work (prefetch, indexing) yields the CPU to serving requests.
 pub(crate) fn lowest_priority_for_this_thread() {

@@ -239,9 +239,10 @@ fn now() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
 }
 
-/// Whether `pid` may be a live process. Errs towards alive (a slot stays claimed a while
-/// longer), never towards dead: a live writer's slot taken from under it would be torn.
-fn process_alive(pid: u32) -> bool {
+/// Whether `pid` may be a live process (a writer that may still finish its slot, the owner of
+/// a temporary directory, a daemon being waited for). Errs towards alive, never towards dead:
+/// a live writer's slot taken from under it would be torn.
+pub fn process_alive(pid: u32) -> bool {
     // 0 would signal our own process group; beyond i32 no process can have it: garbage.
     let Some(pid) = i32::try_from(pid).ok().filter(|&pid| pid > 0) else { return false };
     if kill(Pid::from_raw(pid), None) == Err(Errno::ESRCH) {
