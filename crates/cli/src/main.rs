@@ -72,6 +72,10 @@ enum Command {
         /// Size limit of the cache directory (suffixes K, M, G, T).
         #[arg(long, default_value = "10G", value_parser = commands::build::parse_size)]
         cache_size: u64,
+        /// Chunks kept in memory, shared by the mount's worker generations so that a new
+        /// worker starts warm (0: none; each worker then keeps only a small one of its own).
+        #[arg(long, default_value = "256M", value_parser = commands::build::parse_size)]
+        memory_cache: u64,
         /// Stay in the foreground (logs on stderr) instead of running as a daemon.
         #[arg(long)]
         foreground: bool,
@@ -134,13 +138,14 @@ fn main() -> ExitCode {
         Command::Inspect { image, store, json } => commands::inspect::run(&image, store.as_deref(), json),
         Command::Check { image, store } => commands::check::run(&image, &store),
         Command::Blob { image, store, output } => commands::blob::run(&image, &store, &output),
-        Command::Mount { image, mountpoint, store, cache, cache_size, foreground, prefetch, prefetch_all, readahead, threads } => {
+        Command::Mount { image, mountpoint, store, cache, cache_size, memory_cache, foreground, prefetch, prefetch_all, readahead, threads } => {
             commands::mount::run(commands::mount::MountArgs {
                 image,
                 mountpoint,
                 store,
                 cache,
                 cache_size,
+                memory_cache,
                 foreground,
                 prefetch_list: prefetch,
                 prefetch_all,

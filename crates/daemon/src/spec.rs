@@ -22,6 +22,7 @@ pub struct MountSpec {
     pub store: PathBuf,
     pub cache_dir: PathBuf,
     pub cache_limit: u64,
+    /// Bytes of chunk memory shared by the mount's worker generations (0: none).
     pub memory_limit: u64,
     pub mountpoint: PathBuf,
     pub threads: usize,

@@ -123,9 +123,12 @@ fn start_serving(state: &State, session: &Session, image: &OwnedFd, chunks: Opti
     let image_id: ImageId = state.image_id.parse().map_err(|_| MountError::ImageMemory(format!("the state names no image id ({:?})", state.image_id)))?;
     let image = image_memory::map(image, image_id)?;
     let shared = chunks.and_then(adopt_shared_chunks);
-    // With the shared memory, this worker's own memory only spares the several READs that
-    // cover one chunk a copy each.
-    let private_limit = if shared.is_some() { spec.memory_limit.min(PRIVATE_MEMORY_WITH_SHARED) } else { spec.memory_limit };
+    // Beside the shared memory, this worker's own only spares the several READs that cover
+    // one chunk a copy each. Without it (none asked for, or damaged), its own takes its place.
+    let private_limit = match (&shared, spec.memory_limit) {
+        (Some(_), _) | (None, 0) => PRIVATE_MEMORY,
+        (None, limit) => limit,
+    };
     let cache = Arc::new(ChunkCache::open_unindexed(&spec.cache_dir, spec.cache_limit, private_limit, shared)?);
     {
         let cache = cache.clone();
@@ -152,8 +155,8 @@ fn start_serving(state: &State, session: &Session, image: &OwnedFd, chunks: Opti
     Ok(fs)
 }
 
-/// The private memory cache's size when the mount has shared chunk memory.
-const PRIVATE_MEMORY_WITH_SHARED: u64 = 32 << 20;
+/// The size of a worker's private memory cache beside the shared chunk memory.
+const PRIVATE_MEMORY: u64 = 32 << 20;
 
 /// Maps the mount's shared chunk memory; a damaged one is left alone (logged), and this
 /// worker serves from its own memory and the cache directory instead.
