@@ -1,6 +1,7 @@
 //! `phoenixfs-chaos`: the chaos harness from the command line, for runs too long for the
-//! test suite (scripts/chaos, scripts/bench-failover). `run` mounts the ≥ 1 GiB dataset and
-//! kills or upgrades while reader processes (`read`, this same binary) check every byte.
+//! test suite (scripts/chaos, scripts/bench-failover, scripts/bench-takeover). `run` mounts a
+//! dataset and kills or upgrades while reader processes (`read`, this same binary) check
+//! every byte; `dataset` builds one and says where it is.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,6 +20,10 @@ struct Cli {
 enum Command {
     /// Mount the dataset with an empty cache and kill or upgrade while readers check.
     Run {
+        /// gib (1.05 GiB, 3,000 files), big (/usr-shaped, 112,000 entries) or an absolute
+        /// path to a directory to pack as it is.
+        #[arg(long, default_value = "gib")]
+        dataset: String,
         /// nobody, worker, holder, alternate, upgrade or mixed.
         #[arg(long, value_parser = |s: &str| Victim::parse(s).ok_or("nobody, worker, holder, alternate, upgrade or mixed"))]
         victim: Victim,
@@ -36,6 +41,12 @@ enum Command {
         /// Print every stall (ms), one per line, to this file.
         #[arg(long)]
         stalls: Option<PathBuf>,
+    },
+    /// Build a dataset unless built, and print where it is and its figures as JSON.
+    Dataset {
+        /// gib, big, or an absolute path to a directory.
+        #[arg(long, default_value = "gib")]
+        dataset: String,
     },
     /// One reader process (started by `run`).
     Read {
@@ -58,8 +69,24 @@ fn main() -> ExitCode {
             chaos::reader_main(&mount, &manifest, kind, &stop, start);
             ExitCode::SUCCESS
         }
-        Command::Run { victim, events, seconds, min_ms, max_ms, readers, stalls } => {
-            let dataset = chaos::gib_dataset();
+        Command::Dataset { dataset } => {
+            let started = std::time::Instant::now();
+            let dataset = chaos::dataset_named(&dataset);
+            let figures = serde_json::json!({
+                "image": dataset.image,
+                "store": dataset.store,
+                "manifest": dataset.manifest,
+                "entries": dataset.entries,
+                "files_and_symlinks": dataset.files,
+                "file_bytes": dataset.bytes,
+                "image_bytes": dataset.image_bytes(),
+                "seconds": started.elapsed().as_secs_f64(),
+            });
+            println!("{figures}");
+            ExitCode::SUCCESS
+        }
+        Command::Run { dataset, victim, events, seconds, min_ms, max_ms, readers, stalls } => {
+            let dataset = chaos::dataset_named(&dataset);
             let plan = Plan { victim, events, min_duration: Duration::from_secs(seconds), interval_ms: (min_ms, max_ms.max(min_ms)), readers };
             let me = std::env::current_exe().expect("this binary");
             let report = chaos::run(&dataset, &me, &plan, &dataset.root.join("cache-cli"));
