@@ -87,7 +87,7 @@ const INLINE_MAX: usize = layout::BLOCK_SIZE - layout::INODE_EXTENDED_SIZE;
 /// built and listed in about 40 s (dev profile); kept under the test fixtures.
 pub fn big_dataset() -> Dataset {
     cached_dataset("chaos-big-v1", |src| {
-        let mut rng = XorShift(0x5eed_b16d_a7a5_e7u64);
+        let mut rng = XorShift(0x005e_edb1_6da7_a5e7);
         let mut seed = 1_000_000u64;
         let mut file = |path: PathBuf, len: usize| {
             seed += 1;
@@ -274,11 +274,11 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 const SYMLINK: &str = "symlink:";
 
 /// One line of a manifest.
-struct ManifestEntry {
+pub(crate) struct ManifestEntry {
     content: Content,
     /// The file's size, or the symlink target's length (what `lstat` says).
     size: u64,
-    path: String,
+    pub(crate) path: String,
 }
 
 enum Content {
@@ -286,7 +286,7 @@ enum Content {
     Symlink { target: Vec<u8> },
 }
 
-fn read_manifest(path: &Path) -> io::Result<Vec<ManifestEntry>> {
+pub(crate) fn read_manifest(path: &Path) -> io::Result<Vec<ManifestEntry>> {
     BufReader::new(File::open(path)?)
         .lines()
         .map(|line| {
@@ -520,10 +520,7 @@ pub struct Report {
 
 impl Report {
     pub fn stall_percentile(&self, p: f64) -> Option<f64> {
-        let mut sorted = self.stalls_ms.clone();
-        sorted.sort_by(f64::total_cmp);
-        let last = sorted.len().checked_sub(1)?;
-        Some(sorted[((last as f64) * p).round() as usize])
+        percentile(&self.stalls_ms, p)
     }
 
     pub fn summary(&self) -> String {
@@ -546,6 +543,14 @@ impl Report {
             stall(1.0),
         )
     }
+}
+
+/// The value below which a fraction `p` of `values` lie (nearest rank; 1.0: the largest).
+pub fn percentile(values: &[f64], p: f64) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let last = sorted.len().checked_sub(1)?;
+    Some(sorted[((last as f64) * p).round() as usize])
 }
 
 /// Mounts `dataset` with an empty cache at `cache`, starts the readers (`reader_bin read
@@ -651,7 +656,7 @@ impl Drop for Readers {
 }
 
 /// Status of the mount, waiting out the instants when no worker answers (a takeover).
-fn current_status(mount: &PhoenixMount) -> Value {
+pub(crate) fn current_status(mount: &PhoenixMount) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let out = phoenixfs().arg("status").arg(mount.path()).arg("--json").output().expect("running status");
@@ -665,23 +670,28 @@ fn current_status(mount: &PhoenixMount) -> Value {
     }
 }
 
-fn pid_of(status: &Value, field: &str) -> i32 {
+pub(crate) fn pid_of(status: &Value, field: &str) -> i32 {
     status[field].as_u64().unwrap_or_else(|| panic!("{field} in status")) as i32
 }
 
 /// Kills the worker and waits until its successor has answered a request and measured the
 /// stall.
 fn kill_worker(mount: &PhoenixMount, status: &Value, report: &mut Report) {
-    let (worker, measured) = (pid_of(status, "pid"), status["takeovers_measured"].as_u64().unwrap_or(0));
-    kill(Pid::from_raw(worker), Signal::SIGKILL).expect("killing the worker");
+    kill(Pid::from_raw(pid_of(status, "pid")), Signal::SIGKILL).expect("killing the worker");
     report.worker_kills += 1;
+    report.stalls_ms.push(await_takeover(mount, status).1);
+}
+
+/// After the worker `before` names was killed: waits until its successor has answered a
+/// request and the stall is measured; the successor's status, and the stall (ms).
+pub(crate) fn await_takeover(mount: &PhoenixMount, before: &Value) -> (Value, f64) {
+    let (worker, measured) = (pid_of(before, "pid"), before["takeovers_measured"].as_u64().unwrap_or(0));
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let now = current_status(mount);
         if pid_of(&now, "pid") != worker && now["takeovers_measured"].as_u64().unwrap_or(0) > measured {
-            let stalls = now["takeover_stalls_ms"].as_array().expect("stalls");
-            report.stalls_ms.push(stalls.last().and_then(Value::as_f64).expect("a stall"));
-            return;
+            let stall = now["takeover_stalls_ms"].as_array().and_then(|stalls| stalls.last()).and_then(Value::as_f64).expect("a stall");
+            return (now, stall);
         }
         assert!(Instant::now() < deadline, "no request answered for 60 s after killing worker {worker}");
         std::thread::sleep(Duration::from_millis(2));
