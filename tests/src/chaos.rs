@@ -230,6 +230,7 @@ fn built_dataset(root: PathBuf, src: &Path) -> Dataset {
             }
         }
         fs::create_dir_all(&root).expect("dataset directory");
+        let started = std::time::SystemTime::now();
         build_image(src, &store, &root, &[]);
         let mut lines = String::new();
         for path in files_under(src) {
@@ -245,7 +246,8 @@ fn built_dataset(root: PathBuf, src: &Path) -> Dataset {
             }
         }
         fs::write(&manifest, lines).expect("writing the manifest");
-        fs::write(&done, "").expect("marking the dataset complete");
+        // Dated when the build began: what changed in the source since is seen as a change.
+        File::create(&done).and_then(|f| f.set_modified(started)).expect("marking the dataset complete");
     }
     let entries = read_manifest(&manifest).expect("manifest");
     let dirs: std::collections::HashSet<&Path> = entries.iter().flat_map(|e| Path::new(&e.path).ancestors().skip(1)).filter(|d| !d.as_os_str().is_empty()).collect();
