@@ -5,6 +5,7 @@
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,20 +15,44 @@ use nix::unistd::Pid;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use phoenixfs_format::layout;
+
 use crate::mount::PhoenixMount;
 use crate::snapshot::sha256_via_mmap;
 use crate::trees::noise;
 use crate::{build_image, fixtures_root, phoenixfs, run_ok};
 
-/// An image built from a generated tree, with the sha256 of every file in `manifest`
-/// (`sha256 TAB size TAB path` per line).
+/// An image built from a tree, with what every regular file and symlink of the tree holds in
+/// `manifest` (see [`ManifestEntry`]).
 pub struct Dataset {
     pub image: PathBuf,
     pub store: PathBuf,
     pub manifest: PathBuf,
     pub root: PathBuf,
+    /// Bytes in all regular files.
     pub bytes: u64,
+    /// Regular files and symlinks: the manifest's entries.
     pub files: usize,
+    /// Files, symlinks and the directories holding them.
+    pub entries: usize,
+}
+
+impl Dataset {
+    /// The size of the image file (bootstrap, chunk table, footer).
+    pub fn image_bytes(&self) -> u64 {
+        fs::metadata(&self.image).expect("the image file").len()
+    }
+}
+
+/// The dataset `name`: `gib` ([`gib_dataset`]), `big` ([`big_dataset`]), or an absolute path
+/// to a directory, packed as it is ([`tree_dataset`]).
+pub fn dataset_named(name: &str) -> Dataset {
+    match name {
+        "gib" => gib_dataset(),
+        "big" => big_dataset(),
+        path if path.starts_with('/') => tree_dataset(Path::new(path)),
+        other => panic!("no dataset {other:?}: gib, big, or an absolute path"),
+    }
 }
 
 /// Just over 1 GiB: four 256 MiB files, 3,000 small ones (100 B to 40 KiB) in 30
@@ -46,6 +71,101 @@ pub fn gib_dataset() -> Dataset {
     })
 }
 
+/// The largest file the builder stores inline, in the metadata right after its inode (a
+/// file without xattrs: the inode and its data share one block).
+const INLINE_MAX: usize = layout::BLOCK_SIZE - layout::INODE_EXTENDED_SIZE;
+
+/// A tree shaped like a distribution's `/usr`, with metadata as big as such a tree gives:
+/// 114,394 entries (10,815 directories, 99,679 files of which 200 are second names of hard
+/// links, 3,900 symlinks, a few dangling), 1.36 GB (1.26 GiB) of file data and an 83 MB image
+/// file. Three files in four are small enough to live inline in the metadata (0 to 4,032
+/// bytes, most under 1 KiB: headers, scripts, manual pages), which is what makes the image
+/// big; the rest are chunked: 23,400 just over the inline limit (4-32 KiB), 1,500 executables
+/// (to 200 KiB), 300 libraries (64 KiB-2 MiB) and three of 128 MiB. 1,000 packages of 1-20
+/// nested directories with 1-16 files each, a 6,000-entry manual section, a 2,100-entry
+/// `bin`. Every directory holds a file, so the manifest's paths name them all. Generated,
+/// built and listed in about 40 s (dev profile); kept under the test fixtures.
+pub fn big_dataset() -> Dataset {
+    cached_dataset("chaos-big-v1", |src| {
+        let mut rng = XorShift(0x005e_edb1_6da7_a5e7);
+        let mut seed = 1_000_000u64;
+        let mut file = |path: PathBuf, len: usize| {
+            seed += 1;
+            write_file(&path, &noise(seed, len));
+        };
+        let link = |target: &str, path: PathBuf| symlink(target, &path).unwrap_or_else(|e| panic!("symlink {}: {e}", path.display()));
+        let lib = src.join("lib/x86_64-linux-gnu");
+        for i in 0..3 {
+            file(lib.join(format!("libhuge{i}.so.1")), 128 << 20);
+        }
+        for i in 0..300 {
+            file(lib.join(format!("lib{i:03}.so.1")), (64 << 10) + rng.below(2 << 20));
+            link(&format!("lib{i:03}.so.1"), lib.join(format!("lib{i:03}.so")));
+        }
+        for i in 0..1500 {
+            file(src.join(format!("bin/prog{i:04}")), INLINE_MAX + 1 + rng.below(200 << 10));
+        }
+        for i in 0..600 {
+            link(&format!("prog{:04}", i * 2), src.join(format!("bin/alias{i:03}")));
+        }
+        for i in 0..6000 {
+            file(src.join(format!("share/man/man3/page{i:04}.3.gz")), small_size(&mut rng));
+        }
+        for p in 0..1000 {
+            let top = ["share", "lib/python3/dist-packages", "include", "share/doc"][p % 4];
+            let base = src.join(top).join(format!("pkg{p:04}"));
+            let mut dirs = vec![base.clone()];
+            for d in 1..=rng.below(20) {
+                let parent = dirs[rng.below(dirs.len())].clone();
+                dirs.push(parent.join(format!("d{d}")));
+            }
+            for dir in &dirs {
+                for f in 0..=rng.below(16) {
+                    let len = if rng.below(4) == 0 { INLINE_MAX + 1 + rng.below(28 << 10) } else { small_size(&mut rng) };
+                    file(dir.join(format!("f{f:02}")), len);
+                }
+            }
+            link("f00", base.join("link-here"));
+            let last = dirs.last().expect("a directory").strip_prefix(&base).expect("under base").join("f00");
+            link(last.to_str().expect("a UTF-8 path"), base.join("link-down"));
+            link("../../no/such/file", base.join("link-dangling"));
+            if p % 5 == 0 {
+                let linked = base.join("f00");
+                let other = src.join("share/hardlinks").join(format!("h{p:04}"));
+                fs::create_dir_all(other.parent().expect("a parent")).expect("creating directories");
+                fs::hard_link(&linked, &other).unwrap_or_else(|e| panic!("hard link {}: {e}", other.display()));
+            }
+        }
+    })
+}
+
+/// A small file's size: up to the inline limit, most of them under 1 KiB.
+fn small_size(rng: &mut XorShift) -> usize {
+    let (a, b) = (rng.below(INLINE_MAX + 1), rng.below(INLINE_MAX + 1));
+    if rng.below(2) == 0 {
+        a * b / INLINE_MAX
+    } else {
+        a * b / INLINE_MAX * rng.below(INLINE_MAX + 1) / INLINE_MAX
+    }
+}
+
+/// Deterministic pseudo-random numbers for shaping trees and timing events.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// Uniform in 0..n.
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
 fn write_file(path: &Path, data: &[u8]) {
     fs::create_dir_all(path.parent().expect("a parent")).expect("creating directories");
     fs::write(path, data).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
@@ -55,58 +175,134 @@ fn write_file(path: &Path, data: &[u8]) {
 /// into `src/`, built, and listed in the manifest.
 fn cached_dataset(name: &str, populate: impl FnOnce(&Path)) -> Dataset {
     let root = fixtures_root().join(name);
-    let (src, store, image, manifest, done) = (root.join("src"), root.join("store"), root.join("image.phx"), root.join("manifest"), root.join("complete"));
-    if !done.exists() {
+    let src = root.join("src");
+    if !root.join("complete").exists() {
         if root.exists() {
             fs::remove_dir_all(&root).expect("clearing an incomplete dataset");
         }
         fs::create_dir_all(&src).expect("dataset directory");
         populate(&src);
-        build_image(&src, &store, &root, &[]);
-        let mut lines = String::new();
-        for path in files_under(&src) {
-            let data = fs::read(&path).expect("reading the source");
-            let rel = path.strip_prefix(&src).expect("under src").display().to_string();
-            lines.push_str(&format!("{}\t{}\t{rel}\n", hex::encode(Sha256::digest(&data)), data.len()));
-        }
-        fs::write(&manifest, lines).expect("writing the manifest");
-        fs::write(&done, "").expect("marking the dataset complete");
     }
-    let entries = read_manifest(&manifest).expect("manifest");
-    Dataset { image, store, manifest, root, bytes: entries.iter().map(|e| e.size).sum(), files: entries.len() }
+    built_dataset(root, &src)
 }
 
+/// A directory of this machine (the host's `/usr`, say) packed as it is, not copied. Rebuilt
+/// when anything under it changed after the last build.
+pub fn tree_dataset(source: &Path) -> Dataset {
+    let name: String = source.to_str().expect("a UTF-8 path").chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    let root = fixtures_root().join(format!("tree{name}"));
+    let done = root.join("complete");
+    let built_at = fs::metadata(&done).and_then(|m| m.modified()).ok();
+    if built_at.is_some_and(|at| changed_since(source, at)) {
+        fs::remove_file(&done).expect("marking the dataset stale");
+    }
+    built_dataset(root, source)
+}
+
+/// Whether anything under `dir` (itself included) was modified or changed after `time`.
+fn changed_since(dir: &Path, time: std::time::SystemTime) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let since = time.duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_secs() as i64;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        let Ok(meta) = fs::symlink_metadata(&path) else { return true };
+        if meta.mtime() >= since || meta.ctime() >= since {
+            return true;
+        }
+        if meta.is_dir() {
+            let Ok(entries) = fs::read_dir(&path) else { return true };
+            pending.extend(entries.filter_map(|e| e.ok().map(|e| e.path())));
+        }
+    }
+    false
+}
+
+/// The dataset kept in `root` for the tree `src`: built and listed unless a previous run
+/// completed that.
+fn built_dataset(root: PathBuf, src: &Path) -> Dataset {
+    let (store, image, manifest, done) = (root.join("store"), root.join("image.phx"), root.join("manifest"), root.join("complete"));
+    if !done.exists() {
+        for stale in [&store, &manifest, &image] {
+            if stale.is_dir() {
+                fs::remove_dir_all(stale).expect("clearing a stale store");
+            } else if stale.exists() {
+                fs::remove_file(stale).expect("clearing a stale file");
+            }
+        }
+        fs::create_dir_all(&root).expect("dataset directory");
+        let started = std::time::SystemTime::now();
+        build_image(src, &store, &root, &[]);
+        let mut lines = String::new();
+        for path in files_under(src) {
+            let rel = path.strip_prefix(src).expect("under src").to_str().expect("a UTF-8 path");
+            let meta = fs::symlink_metadata(&path).expect("lstat");
+            if meta.is_symlink() {
+                let target = fs::read_link(&path).expect("readlink");
+                let target = target.as_os_str().as_encoded_bytes();
+                lines.push_str(&format!("{SYMLINK}{}\t{}\t{rel}\n", hex::encode(target), target.len()));
+            } else {
+                let data = fs::read(&path).expect("reading the source");
+                lines.push_str(&format!("{}\t{}\t{rel}\n", hex::encode(Sha256::digest(&data)), data.len()));
+            }
+        }
+        fs::write(&manifest, lines).expect("writing the manifest");
+        // Dated when the build began: what changed in the source since is seen as a change.
+        File::create(&done).and_then(|f| f.set_modified(started)).expect("marking the dataset complete");
+    }
+    let entries = read_manifest(&manifest).expect("manifest");
+    let dirs: std::collections::HashSet<&Path> = entries.iter().flat_map(|e| Path::new(&e.path).ancestors().skip(1)).filter(|d| !d.as_os_str().is_empty()).collect();
+    let bytes = entries.iter().filter(|e| matches!(e.content, Content::File { .. })).map(|e| e.size).sum();
+    Dataset { image, store, manifest, root, bytes, files: entries.len(), entries: entries.len() + dirs.len() }
+}
+
+/// The regular files and symlinks under `dir`, sorted; symlinks are not followed.
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    let mut entries: Vec<_> = fs::read_dir(dir).expect("read_dir").map(|e| e.expect("entry").path()).collect();
-    entries.sort();
-    for path in entries {
-        if path.is_dir() {
-            out.extend(files_under(&path));
-        } else {
-            out.push(path);
+    let mut entries: Vec<_> = fs::read_dir(dir).expect("read_dir").map(|e| e.expect("entry")).collect();
+    entries.sort_by_key(fs::DirEntry::path);
+    for entry in entries {
+        let kind = entry.file_type().expect("file type");
+        if kind.is_dir() {
+            out.extend(files_under(&entry.path()));
+        } else if kind.is_file() || kind.is_symlink() {
+            out.push(entry.path());
         }
     }
     out
 }
 
-struct ManifestEntry {
-    sha256: String,
+/// Marks a symlink's line in a manifest: `symlink:HEX-TARGET TAB target length TAB path`,
+/// where a regular file's is `SHA256 TAB size TAB path`.
+const SYMLINK: &str = "symlink:";
+
+/// One line of a manifest.
+pub(crate) struct ManifestEntry {
+    content: Content,
+    /// The file's size, or the symlink target's length (what `lstat` says).
     size: u64,
-    path: String,
+    pub(crate) path: String,
 }
 
-fn read_manifest(path: &Path) -> io::Result<Vec<ManifestEntry>> {
+enum Content {
+    File { sha256: String },
+    Symlink { target: Vec<u8> },
+}
+
+pub(crate) fn read_manifest(path: &Path) -> io::Result<Vec<ManifestEntry>> {
     BufReader::new(File::open(path)?)
         .lines()
         .map(|line| {
             let line = line?;
             let mut fields = line.splitn(3, '\t');
             let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("bad manifest line {line:?}"));
-            let sha256 = fields.next().ok_or_else(bad)?.to_string();
+            let first = fields.next().ok_or_else(bad)?;
+            let content = match first.strip_prefix(SYMLINK) {
+                Some(target) => Content::Symlink { target: hex::decode(target).map_err(|_| bad())? },
+                None => Content::File { sha256: first.to_string() },
+            };
             let size = fields.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
             let path = fields.next().ok_or_else(bad)?.to_string();
-            Ok(ManifestEntry { sha256, size, path })
+            Ok(ManifestEntry { content, size, path })
         })
         .collect()
 }
@@ -114,11 +310,11 @@ fn read_manifest(path: &Path) -> io::Result<Vec<ManifestEntry>> {
 /// How a reader process checks the files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReaderKind {
-    /// read(2) in 1 MiB pieces, sha256 compared, page cache dropped.
+    /// read(2) in 1 MiB pieces, sha256 compared, page cache dropped; symlinks read.
     Read,
-    /// A shared memory map, sha256 compared.
+    /// A shared memory map, sha256 compared; symlinks read.
     Mmap,
-    /// Walks the directories: every name present, every size right (stat only).
+    /// Walks the directories: every name present, every size and type right (lstat only).
     Walk,
 }
 
@@ -160,9 +356,10 @@ pub fn reader_main(mount: &Path, manifest: &Path, kind: ReaderKind, stop: &Path,
             let (names, errors) = walk_and_stat(mount);
             tally.errors += errors;
             for entry in &entries {
+                let symlink = matches!(entry.content, Content::Symlink { .. });
                 match names.get(entry.path.as_str()) {
-                    Some(&size) if size == entry.size => tally.files += 1,
-                    Some(&size) => tally.errors += failed(format!("{}: size {size}, expected {}", entry.path, entry.size)),
+                    Some(&(size, is_symlink)) if size == entry.size && is_symlink == symlink => tally.files += 1,
+                    Some(&(size, is_symlink)) => tally.errors += failed(format!("{}: size {size}, symlink {is_symlink}; expected {}, {symlink}", entry.path, entry.size)),
                     None => tally.errors += failed(format!("{}: missing from its directory", entry.path)),
                 }
             }
@@ -172,18 +369,12 @@ pub fn reader_main(mount: &Path, manifest: &Path, kind: ReaderKind, stop: &Path,
         } else {
             for i in 0..entries.len() {
                 let entry = &entries[(start + i) % entries.len()];
-                let path = mount.join(&entry.path);
-                let sum = match kind {
-                    ReaderKind::Mmap => sha256_via_mmap(&path).map(|sum| (sum, entry.size)),
-                    _ => sha256_by_read(&path),
-                };
-                match sum {
-                    Ok((sum, len)) if sum == entry.sha256 && len == entry.size => {
+                match check_entry(mount, entry, kind) {
+                    Ok(bytes) => {
                         tally.files += 1;
-                        tally.bytes += len;
+                        tally.bytes += bytes;
                     }
-                    Ok((_, len)) => tally.errors += failed(format!("{}: wrong bytes ({len} read, {} expected)", entry.path, entry.size)),
-                    Err(e) => tally.errors += failed(format!("{}: {e}", entry.path)),
+                    Err(what) => tally.errors += failed(format!("{}: {what}", entry.path)),
                 }
             }
         }
@@ -191,6 +382,30 @@ pub fn reader_main(mount: &Path, manifest: &Path, kind: ReaderKind, stop: &Path,
     }
     println!("{{\"bytes\":{},\"files\":{},\"errors\":{},\"passes\":{}}}", tally.bytes, tally.files, tally.errors, tally.passes);
     tally
+}
+
+/// Checks one manifest entry through the mount: a file's bytes (read with read(2) or
+/// through a memory map), a symlink's target. The bytes checked, or what was wrong.
+fn check_entry(mount: &Path, entry: &ManifestEntry, kind: ReaderKind) -> Result<u64, String> {
+    let path = mount.join(&entry.path);
+    match &entry.content {
+        Content::Symlink { target } => match fs::read_link(&path) {
+            Ok(got) if got.as_os_str().as_encoded_bytes() == target.as_slice() => Ok(0),
+            Ok(got) => Err(format!("symlink to {}, expected {}", got.display(), String::from_utf8_lossy(target))),
+            Err(e) => Err(e.to_string()),
+        },
+        Content::File { sha256 } => {
+            let sum = match kind {
+                ReaderKind::Mmap => sha256_via_mmap(&path).map(|sum| (sum, entry.size)),
+                _ => sha256_by_read(&path),
+            };
+            match sum {
+                Ok((sum, len)) if sum == *sha256 && len == entry.size => Ok(len),
+                Ok((_, len)) => Err(format!("wrong bytes ({len} read, {} expected)", entry.size)),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    }
 }
 
 /// sha256 and length of a file read with read(2); a short read shows as a wrong length.
@@ -212,8 +427,9 @@ fn sha256_by_read(path: &Path) -> io::Result<(String, u64)> {
     }
 }
 
-/// Every regular file under `dir` (relative path -> size), and how many operations failed.
-fn walk_and_stat(dir: &Path) -> (std::collections::HashMap<String, u64>, u64) {
+/// Everything but directories under `dir` (relative path -> size and whether it is a
+/// symlink), and how many operations failed.
+fn walk_and_stat(dir: &Path) -> (std::collections::HashMap<String, (u64, bool)>, u64) {
     let mut files = std::collections::HashMap::new();
     let mut errors = 0;
     let mut pending = vec![dir.to_path_buf()];
@@ -231,7 +447,7 @@ fn walk_and_stat(dir: &Path) -> (std::collections::HashMap<String, u64>, u64) {
             match meta {
                 Ok((path, meta)) if meta.is_dir() => pending.push(path),
                 Ok((path, meta)) => {
-                    files.insert(path.strip_prefix(dir).expect("under the walk root").display().to_string(), meta.len());
+                    files.insert(path.strip_prefix(dir).expect("under the walk root").display().to_string(), (meta.len(), meta.is_symlink()));
                 }
                 Err(e) => {
                     eprintln!("walk reader: {}: {e}", current.display());
@@ -291,6 +507,8 @@ pub struct Report {
     pub upgrades: usize,
     pub bytes_verified: u64,
     pub files_verified: u64,
+    /// Whole passes over the manifest, per reader (read, mmap, walk, read, ...).
+    pub reader_passes: Vec<u64>,
     /// Errors and wrong bytes the readers saw, plus readers that died.
     pub errors: u64,
     /// Requests the daemon itself answered with an error.
@@ -304,16 +522,13 @@ pub struct Report {
 
 impl Report {
     pub fn stall_percentile(&self, p: f64) -> Option<f64> {
-        let mut sorted = self.stalls_ms.clone();
-        sorted.sort_by(f64::total_cmp);
-        let last = sorted.len().checked_sub(1)?;
-        Some(sorted[((last as f64) * p).round() as usize])
+        percentile(&self.stalls_ms, p)
     }
 
     pub fn summary(&self) -> String {
         let stall = |p| self.stall_percentile(p).map_or("-".into(), |ms| format!("{ms:.1} ms"));
         format!(
-            "worker kills {}, holder kills {}, upgrades {}; {} files, {} bytes verified in {:.1} s ({:.0} MiB/s); errors {}, daemon errors {}, resent after upgrades {}; stall median {}, p99 {}, worst {}",
+            "worker kills {}, holder kills {}, upgrades {}; {} files, {} bytes verified in {:.1} s ({:.0} MiB/s), reader passes {:?}; errors {}, daemon errors {}, resent after upgrades {}; stall median {}, p99 {}, worst {}",
             self.worker_kills,
             self.holder_kills,
             self.upgrades,
@@ -321,6 +536,7 @@ impl Report {
             self.bytes_verified,
             self.elapsed.as_secs_f64(),
             self.bytes_verified as f64 / self.elapsed.as_secs_f64() / f64::from(1 << 20),
+            self.reader_passes,
             self.errors,
             self.daemon_errors,
             self.resent_after_upgrades,
@@ -329,6 +545,14 @@ impl Report {
             stall(1.0),
         )
     }
+}
+
+/// The value below which a fraction `p` of `values` lie (nearest rank; 1.0: the largest).
+pub fn percentile(values: &[f64], p: f64) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let last = sorted.len().checked_sub(1)?;
+    Some(sorted[((last as f64) * p).round() as usize])
 }
 
 /// Mounts `dataset` with an empty cache at `cache`, starts the readers (`reader_bin read
@@ -368,16 +592,13 @@ pub fn run(dataset: &Dataset, reader_bin: &Path, plan: &Plan, cache: &Path) -> R
         .collect());
 
     let mut report = Report::default();
-    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
     let mut event = 0;
     // The worker the latest upgrade started, until its resent requests are counted.
     let mut upgraded = None;
     while event < plan.events || started.elapsed() < plan.min_duration {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
         let (low, high) = plan.interval_ms;
-        std::thread::sleep(Duration::from_millis(low + rng % (high - low + 1)));
+        std::thread::sleep(Duration::from_millis(low + rng.next() % (high - low + 1)));
         let status = current_status(&mount);
         count_resent_after_upgrade(&status, &mut upgraded, &mut report);
         match plan.victim {
@@ -405,10 +626,12 @@ pub fn run(dataset: &Dataset, reader_bin: &Path, plan: &Plan, cache: &Path) -> R
                 report.bytes_verified += tally["bytes"].as_u64().unwrap_or(0);
                 report.files_verified += tally["files"].as_u64().unwrap_or(0);
                 report.errors += tally["errors"].as_u64().unwrap_or(0);
+                report.reader_passes.push(tally["passes"].as_u64().unwrap_or(0));
             }
             _ => {
                 eprintln!("reader {i} ended badly: {}", out.status);
                 report.errors += 1;
+                report.reader_passes.push(0);
             }
         }
     }
@@ -435,7 +658,7 @@ impl Drop for Readers {
 }
 
 /// Status of the mount, waiting out the instants when no worker answers (a takeover).
-fn current_status(mount: &PhoenixMount) -> Value {
+pub(crate) fn current_status(mount: &PhoenixMount) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let out = phoenixfs().arg("status").arg(mount.path()).arg("--json").output().expect("running status");
@@ -449,23 +672,28 @@ fn current_status(mount: &PhoenixMount) -> Value {
     }
 }
 
-fn pid_of(status: &Value, field: &str) -> i32 {
+pub(crate) fn pid_of(status: &Value, field: &str) -> i32 {
     status[field].as_u64().unwrap_or_else(|| panic!("{field} in status")) as i32
 }
 
 /// Kills the worker and waits until its successor has answered a request and measured the
 /// stall.
 fn kill_worker(mount: &PhoenixMount, status: &Value, report: &mut Report) {
-    let (worker, measured) = (pid_of(status, "pid"), status["takeovers_measured"].as_u64().unwrap_or(0));
-    kill(Pid::from_raw(worker), Signal::SIGKILL).expect("killing the worker");
+    kill(Pid::from_raw(pid_of(status, "pid")), Signal::SIGKILL).expect("killing the worker");
     report.worker_kills += 1;
+    report.stalls_ms.push(await_takeover(mount, status).1);
+}
+
+/// After the worker `before` names was killed: waits until its successor has answered a
+/// request and the stall is measured; the successor's status, and the stall (ms).
+pub(crate) fn await_takeover(mount: &PhoenixMount, before: &Value) -> (Value, f64) {
+    let (worker, measured) = (pid_of(before, "pid"), before["takeovers_measured"].as_u64().unwrap_or(0));
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let now = current_status(mount);
         if pid_of(&now, "pid") != worker && now["takeovers_measured"].as_u64().unwrap_or(0) > measured {
-            let stalls = now["takeover_stalls_ms"].as_array().expect("stalls");
-            report.stalls_ms.push(stalls.last().and_then(Value::as_f64).expect("a stall"));
-            return;
+            let stall = now["takeover_stalls_ms"].as_array().and_then(|stalls| stalls.last()).and_then(Value::as_f64).expect("a stall");
+            return (now, stall);
         }
         assert!(Instant::now() < deadline, "no request answered for 60 s after killing worker {worker}");
         std::thread::sleep(Duration::from_millis(2));

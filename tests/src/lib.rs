@@ -9,6 +9,7 @@ pub use phoenixfs_daemon::process_alive;
 pub mod chaos;
 pub mod kernel;
 pub mod mount;
+pub mod probe;
 pub mod snapshot;
 pub mod trees;
 

@@ -1,6 +1,6 @@
 //! Takeover details: a request a killed worker held (serving, or retiring after an upgrade) is
-//! resent and answered; corrupt state is refused; a failed upgrade rolls back. Readers under
-//! kills: tests/chaos.rs.
+//! resent and answered, and so is one whose worker panicked; corrupt state is refused; a
+//! failed upgrade rolls back. Readers under kills: tests/chaos.rs.
 
 use std::fs::{self, File};
 use std::io::{IoSlice, Read, Write};
@@ -101,6 +101,32 @@ fn a_request_the_killed_worker_held_is_answered_by_the_next() {
     let status = mount.status();
     assert_eq!(status["worker_restarts"], 1);
     assert!(status["resent_requests"].as_u64() >= Some(1), "the READ came back as a resent request: {status}");
+}
+
+/// A panic is a death: a worker that panics in the middle of a READ ends, the holder starts
+/// another, the kernel resends the READ and the reader gets the right bytes. The panic comes
+/// from a failpoint that only builds with the daemon's `failpoints` feature have (the
+/// workspace build the tests run, never a release of `phoenixfs`): when
+/// `PHOENIXFS_FAILPOINT_PANIC_IN_READ` names a file that exists as a worker handles a READ,
+/// the worker deletes the file and panics.
+#[test]
+#[ignore = "needs the failpoints feature (issue 8)"]
+fn a_read_whose_worker_panicked_is_answered_by_the_next() {
+    let data = noise(11, 3 << 20);
+    let (root, image, store) = one_file_image("failover-panic", &data);
+    let marker = root.join("panic-in-read");
+    let mount = PhoenixMount::with_env(&image, &store, &root.join("cache"), &[], &[("PHOENIXFS_FAILPOINT_PANIC_IN_READ", marker.as_os_str())]);
+    let first = mount.worker_pid();
+    fs::write(&marker, "").unwrap();
+    let got = fs::read(mount.path().join("file")).expect("the READ is answered by the next worker");
+    assert!(got == data, "the resent READ returned the right bytes");
+    assert!(!marker.exists(), "a worker took the failpoint");
+    let status = mount.status();
+    assert_eq!(status["worker_restarts"], 1, "the panicking worker died and was replaced: {status}");
+    assert_ne!(status["pid"].as_u64(), Some(u64::from(first)));
+    let log = fs::read_to_string(status["log"].as_str().expect("the log's path")).unwrap();
+    assert!(log.contains("panicked"), "the mount's log says the worker panicked:\n{log}");
+    assert!(fs::read(mount.path().join("file")).unwrap() == data);
 }
 
 /// An upgrade's old worker killed while it still holds a READ (it cannot finish: the chunk

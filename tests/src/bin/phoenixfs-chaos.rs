@@ -1,6 +1,8 @@
 //! `phoenixfs-chaos`: the chaos harness from the command line, for runs too long for the
-//! test suite (scripts/chaos, scripts/bench-failover). `run` mounts the ≥ 1 GiB dataset and
-//! kills or upgrades while reader processes (`read`, this same binary) check every byte.
+//! test suite (scripts/chaos, scripts/bench-failover, scripts/bench-takeover). `run` mounts a
+//! dataset and kills or upgrades while reader processes (`read`, this same binary) check
+//! every byte; `probe` times lookups right after kills of an idle mount's worker; `dataset`
+//! builds one and says where it is.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,6 +10,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use phoenixfs_tests::chaos::{self, Plan, ReaderKind, Victim};
+use phoenixfs_tests::probe;
 
 #[derive(Parser)]
 struct Cli {
@@ -19,6 +22,10 @@ struct Cli {
 enum Command {
     /// Mount the dataset with an empty cache and kill or upgrade while readers check.
     Run {
+        /// gib (1.05 GiB, 3,000 files), big (/usr-shaped, 112,000 entries) or an absolute
+        /// path to a directory to pack as it is.
+        #[arg(long, default_value = "gib")]
+        dataset: String,
         /// nobody, worker, holder, alternate, upgrade or mixed.
         #[arg(long, value_parser = |s: &str| Victim::parse(s).ok_or("nobody, worker, holder, alternate, upgrade or mixed"))]
         victim: Victim,
@@ -36,6 +43,25 @@ enum Command {
         /// Print every stall (ms), one per line, to this file.
         #[arg(long)]
         stalls: Option<PathBuf>,
+    },
+    /// Kill an idle mount's worker and at once look up a new name, KILLS times; prints the
+    /// figures (ms).
+    Probe {
+        /// gib, big, or an absolute path to a directory.
+        #[arg(long, default_value = "gib")]
+        dataset: String,
+        #[arg(long, default_value_t = 30)]
+        kills: usize,
+        /// Print every probe to this file, one a line: lookup, start-up seen from outside,
+        /// the daemon's stall, start-up reported by status (ms, "-" when unknown).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Build a dataset unless built, and print where it is and its figures as JSON.
+    Dataset {
+        /// gib, big, or an absolute path to a directory.
+        #[arg(long, default_value = "gib")]
+        dataset: String,
     },
     /// One reader process (started by `run`).
     Read {
@@ -58,8 +84,42 @@ fn main() -> ExitCode {
             chaos::reader_main(&mount, &manifest, kind, &stop, start);
             ExitCode::SUCCESS
         }
-        Command::Run { victim, events, seconds, min_ms, max_ms, readers, stalls } => {
-            let dataset = chaos::gib_dataset();
+        Command::Probe { dataset, kills, out } => {
+            let dataset = chaos::dataset_named(&dataset);
+            let probes = probe::probe(&dataset, kills, &dataset.root.join("cache-probe"));
+            let figures = |what: &str, values: Vec<f64>| {
+                let at = |p| chaos::percentile(&values, p).map_or("-".into(), |ms| format!("{ms:.1} ms"));
+                println!("{what}: median {}, p99 {}, worst {} ({} of {} kills)", at(0.5), at(0.99), at(1.0), values.len(), probes.len());
+            };
+            figures("lookup after a kill", probes.iter().map(|p| p.lookup_ms).collect());
+            figures("worker start-up seen from outside (fork to answer)", probes.iter().filter_map(|p| p.start_ms).collect());
+            figures("stall measured by the daemon", probes.iter().map(|p| p.stall_ms).collect());
+            figures("worker start-up reported by status", probes.iter().filter_map(|p| p.reported_start_ms).collect());
+            if let Some(path) = out {
+                let show = |v: Option<f64>| v.map_or("-".into(), |ms| format!("{ms:.3}"));
+                let lines: String = probes.iter().map(|p| format!("{:.3} {} {:.3} {}\n", p.lookup_ms, show(p.start_ms), p.stall_ms, show(p.reported_start_ms))).collect();
+                std::fs::write(&path, lines).expect("writing the probes");
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Dataset { dataset } => {
+            let started = std::time::Instant::now();
+            let dataset = chaos::dataset_named(&dataset);
+            let figures = serde_json::json!({
+                "image": dataset.image,
+                "store": dataset.store,
+                "manifest": dataset.manifest,
+                "entries": dataset.entries,
+                "files_and_symlinks": dataset.files,
+                "file_bytes": dataset.bytes,
+                "image_bytes": dataset.image_bytes(),
+                "seconds": started.elapsed().as_secs_f64(),
+            });
+            println!("{figures}");
+            ExitCode::SUCCESS
+        }
+        Command::Run { dataset, victim, events, seconds, min_ms, max_ms, readers, stalls } => {
+            let dataset = chaos::dataset_named(&dataset);
             let plan = Plan { victim, events, min_duration: Duration::from_secs(seconds), interval_ms: (min_ms, max_ms.max(min_ms)), readers };
             let me = std::env::current_exe().expect("this binary");
             let report = chaos::run(&dataset, &me, &plan, &dataset.root.join("cache-cli"));
