@@ -110,7 +110,6 @@ fn a_request_the_killed_worker_held_is_answered_by_the_next() {
 /// `PHOENIXFS_FAILPOINT_PANIC_IN_READ` names a file that exists as a worker handles a READ,
 /// the worker deletes the file and panics.
 #[test]
-#[ignore = "needs the failpoints feature (issue 8)"]
 fn a_read_whose_worker_panicked_is_answered_by_the_next() {
     let data = noise(11, 3 << 20);
     let (root, image, store) = one_file_image("failover-panic", &data);
