@@ -65,10 +65,12 @@ impl ImageFs {
     /// The errno for an answer; faults are counted and logged with the image they concern.
     fn answer<T>(&self, result: Result<T, FsError>) -> Result<T, Errno> {
         result.map_err(|e| {
-            if e.is_fault() {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                error!(image = %self.image.id, error = %e, "cannot answer");
+            match &e {
+                FsError::Chunk { index, digest, source } => error!(image = %self.image.id, chunk = index, %digest, error = %source, "cannot read chunk"),
+                FsError::Corrupt(error) => error!(image = %self.image.id, %error, "image is corrupt"),
+                _ => return e.errno(),
             }
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
             e.errno()
         })
     }

@@ -47,6 +47,15 @@ pub struct State {
 }
 
 impl State {
+    /// What the holder tells a worker that started before it knew it: counts and stalls.
+    pub fn history(&self) -> History {
+        History { restarts: self.restarts, upgrades: self.upgrades, stalls_us: self.stalls_us.clone(), takeovers_measured: self.takeovers_measured }
+    }
+
+    pub fn apply(&mut self, history: History) {
+        (self.restarts, self.upgrades, self.stalls_us, self.takeovers_measured) = (history.restarts, history.upgrades, history.stalls_us, history.takeovers_measured);
+    }
+
     pub fn record_stall(&mut self, stall_us: u64) {
         self.takeovers_measured += 1;
         self.stalls_us.push(stall_us);
@@ -64,6 +73,18 @@ pub enum Takeover {
     AfterDeath { died_at_ns: u64 },
     /// A live worker is being replaced: serve alongside it, resend nothing.
     Upgrade,
+    /// Started ahead of need: prepare everything, then wait for [`Message::Go`] and take over
+    /// as after a death. A takeover then costs no process start.
+    Standby,
+}
+
+/// The mount's history, which a worker started earlier may have missed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct History {
+    pub restarts: u64,
+    pub upgrades: u64,
+    pub stalls_us: Vec<u64>,
+    pub takeovers_measured: u64,
 }
 
 /// What holder and worker tell each other after the hand-over.
@@ -85,7 +106,9 @@ pub enum Message {
     Unmounted,
     /// holder -> worker: the mount's history, when it changed while the worker was starting
     /// (a restart during an upgrade).
-    History { restarts: u64, upgrades: u64, stalls_us: Vec<u64>, takeovers_measured: u64 },
+    History(History),
+    /// holder -> standby worker: the serving worker died at `died_at_ns`; take over.
+    Go { died_at_ns: u64, history: History },
 }
 
 #[derive(Debug, Error)]
@@ -258,7 +281,8 @@ mod tests {
     fn messages_cross_the_socket_and_garbage_or_a_closed_peer_is_told_apart() {
         use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
         let (a, b) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap();
-        for message in [Message::Ready { pid: 7 }, Message::Failed("why".into()), Message::FirstReply { at_ns: 1 << 40 }, Message::Retire, Message::Retired, Message::Resend, Message::Unmounted, Message::History { restarts: 1, upgrades: 2, stalls_us: vec![3], takeovers_measured: 4 }] {
+        let history = History { restarts: 1, upgrades: 2, stalls_us: vec![3], takeovers_measured: 4 };
+        for message in [Message::Ready { pid: 7 }, Message::Failed("why".into()), Message::FirstReply { at_ns: 1 << 40 }, Message::Retire, Message::Retired, Message::Resend, Message::Unmounted, Message::History(history.clone()), Message::Go { died_at_ns: 9, history }] {
             send_message(a.as_fd(), &message).unwrap();
             assert_eq!(receive_message(b.as_fd()).unwrap(), Some(message));
         }

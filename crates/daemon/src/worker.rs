@@ -3,7 +3,7 @@
 //! holder dies it starts a new one and hands it the fd and state.
 
 use std::collections::BTreeSet;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::error::MountError;
 use crate::fs::ImageFs;
-use crate::handover::{self, Message, SessionFds, State, Takeover};
+use crate::handover::{self, History, Message, SessionFds, State, Takeover};
 use crate::holder::{start_with_handover, Role};
 use crate::image_memory;
 use crate::os::{lowest_priority_for_this_thread, monotonic_ns, rss_bytes, set_cloexec, spawn_thread};
@@ -63,13 +63,25 @@ pub fn run_worker() -> Result<(), MountError> {
         let fs = start_serving(&state, &session, &image, chunks.as_ref())?;
         Ok((state, session, fs, image, chunks))
     });
-    let (state, session, fs, image, chunks) = match started {
+    let (mut state, session, fs, image, chunks) = match started {
         Ok(started) => started,
         Err(e) => {
             let _ = handover::send_message(channel.as_fd(), &Message::Failed(e.to_string()));
             return Err(e);
         }
     };
+    let standby = state.takeover == Takeover::Standby;
+    if standby {
+        let _ = handover::send_message(channel.as_fd(), &Message::Ready { pid: std::process::id() });
+        let Some((died_at_ns, history)) = await_go(channel.as_fd()) else {
+            // Let go, or the holder died (the serving worker replaces it): not needed.
+            return Ok(());
+        };
+        state.apply(history);
+        state.takeover = Takeover::AfterDeath { died_at_ns };
+        state.launched_at_ns = monotonic_ns();
+        resend_after_death(&state, &session)?;
+    }
     let threads = state.spec.threads;
     let link = Arc::new(HolderLink {
         channel: Mutex::new(Arc::new(channel)),
@@ -82,7 +94,9 @@ pub fn run_worker() -> Result<(), MountError> {
     watch_first_reply(&session, &link);
     let start_us = monotonic_ns().saturating_sub(link.state.lock().unwrap_or_else(|p| p.into_inner()).launched_at_ns) / 1000;
     serve_status(&session, &fs, &link, start_us)?;
-    link.tell(&Message::Ready { pid: std::process::id() });
+    if !standby {
+        link.tell(&Message::Ready { pid: std::process::id() });
+    }
     {
         let state = link.state.lock().unwrap_or_else(|p| p.into_inner());
         info!(mountpoint = %state.spec.mountpoint.display(), image = %state.image_id, takeover = ?state.takeover, start_ms = start_us as f64 / 1000.0, "worker serving");
@@ -142,17 +156,35 @@ fn start_serving(state: &State, session: &Session, image: &OwnedFd, chunks: Opti
             }
         })?;
     }
-    // Resending is harmless for the first worker (nothing was read) and wrong for an upgrade
-    // (the old worker still answers what it read).
-    if state.params.has_resend() && state.takeover != Takeover::Upgrade {
-        session.notify_resend()?;
-    }
+    resend_after_death(state, session)?;
     let fs = ImageFs::new(Arc::new(image), Arc::new(store), cache, spec.readahead);
     if state.takeover == Takeover::First && spec.prefetch != Prefetch::Nothing {
         let (fs, prefetch, progress) = (fs.clone(), spec.prefetch.clone(), spec.progress);
         spawn_thread("prefetch", move || prefetch_chunks(&fs, &prefetch, progress))?;
     }
     Ok(fs)
+}
+
+/// Asks the kernel to resend what a dead predecessor had read. Harmless for the first worker
+/// (nothing was read), wrong for an upgrade (the old worker still answers what it read), and
+/// for a standby only once it is told to take over.
+fn resend_after_death(state: &State, session: &Session) -> Result<(), MountError> {
+    if state.params.has_resend() && matches!(state.takeover, Takeover::First | Takeover::AfterDeath { .. }) {
+        session.notify_resend()?;
+    }
+    Ok(())
+}
+
+/// A standby waits for the holder's word: `Go` (when its predecessor died, and the history
+/// it missed), or nothing (it was let go, or the holder died).
+fn await_go(channel: BorrowedFd<'_>) -> Option<(u64, History)> {
+    loop {
+        match handover::receive_message(channel) {
+            Ok(Some(Message::Go { died_at_ns, history })) => return Some((died_at_ns, history)),
+            Ok(Some(other)) => warn!(message = ?other, "a standby worker was told something other than to take over"),
+            Ok(None) | Err(_) => return None,
+        }
+    }
 }
 
 /// The size of a worker's private memory cache beside the shared chunk memory.
@@ -204,10 +236,7 @@ fn follow_holder(session: &Session, link: &HolderLink) {
                     warn!(%error, "cannot ask the kernel to resend");
                 }
             }
-            Ok(Some(Message::History { restarts, upgrades, stalls_us, takeovers_measured })) => {
-                let mut state = link.state.lock().unwrap_or_else(|p| p.into_inner());
-                (state.restarts, state.upgrades, state.stalls_us, state.takeovers_measured) = (restarts, upgrades, stalls_us, takeovers_measured);
-            }
+            Ok(Some(Message::History(history))) => link.state.lock().unwrap_or_else(|p| p.into_inner()).apply(history),
             Ok(Some(other)) => warn!(message = ?other, "unexpected message from the holder"),
             Ok(None) | Err(_) => {
                 if let Some(mut child) = our_holder.take() {

@@ -29,7 +29,7 @@ pub enum FsError {
     BadWhence(u32),
     #[error("the image is corrupt: {0}")]
     Corrupt(#[from] FormatError),
-    #[error("blob chunk {index} ({digest}): {source}")]
+    #[error("blob chunk {index}: {source}")]
     Chunk { index: u64, digest: Digest, source: CacheError },
 }
 
@@ -45,10 +45,5 @@ impl FsError {
             FsError::NothingThere => Errno::ENXIO,
             FsError::Corrupt(_) | FsError::Chunk { .. } => Errno::EIO,
         }
-    }
-
-    /// A fault of the image or its data, to log and count, rather than an answer.
-    pub fn is_fault(&self) -> bool {
-        matches!(self, FsError::Corrupt(_) | FsError::Chunk { .. })
     }
 }

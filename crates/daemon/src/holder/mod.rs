@@ -46,13 +46,15 @@ struct Worker {
     predecessor_died_at_ns: Option<u64>,
     /// It said it had finished retiring.
     retired: bool,
+    /// A standby: it said it is prepared to take over.
+    prepared: bool,
     /// Why it could not take over, in its own words.
     failure: Option<String>,
 }
 
 impl Worker {
     fn started(channel: OwnedFd, child: Child, predecessor_died_at_ns: Option<u64>) -> Worker {
-        Worker { pid: child.id(), channel, child: Some(child), predecessor_died_at_ns, retired: false, failure: None }
+        Worker { pid: child.id(), channel, child: Some(child), predecessor_died_at_ns, retired: false, prepared: false, failure: None }
     }
 
     /// Reaps the worker if it is ours: how it ended.
@@ -76,6 +78,11 @@ struct Holder {
     slot: Lifecycle,
     /// The process in the serving slot, starting or serving; none while waiting to start one.
     worker: Option<Worker>,
+    /// A worker started ahead of need, prepared to take over the moment the serving one dies:
+    /// a takeover then costs no process start.
+    standby: Option<Worker>,
+    /// Standbys in a row that failed by themselves: after a few, none until a takeover.
+    standby_failures: u32,
     /// Workers upgrades replaced, until each has finished its requests and exited.
     retiring: Vec<Worker>,
     /// An upgrade whose new worker is starting.
@@ -130,7 +137,7 @@ pub(crate) fn hold(spec: MountSpec, image_id: String, fds: SessionFds, ready: Op
         let worker = Worker::started(channel, child, None);
         spawn_signal_thread(&mountpoint)?;
         let slot = Lifecycle::serving(worker.pid, Instant::now());
-        Ok::<_, MountError>((Holder { fds, state, binary, slot, worker: Some(worker), retiring: Vec::new(), upgrade: None, control }, warnings))
+        Ok::<_, MountError>((Holder { fds, state, binary, slot, worker: Some(worker), standby: None, standby_failures: 0, retiring: Vec::new(), upgrade: None, control }, warnings))
     })();
     match started {
         Ok((holder, warnings)) => {
@@ -172,6 +179,10 @@ fn warnings(state: &State) -> Vec<String> {
     }
     warnings
 }
+
+/// Standbys in a row that may fail by themselves before the holder stops starting them (until
+/// the next takeover or upgrade): a broken binary must not spin.
+const MAX_STANDBY_FAILURES: u32 = 3;
 
 /// Request timeouts below this could abort a mount during a takeover or a slow fetch.
 const MIN_SAFE_REQUEST_TIMEOUT_S: u64 = 60;
@@ -217,9 +228,9 @@ pub fn run_adopting_holder() -> Result<(), MountError> {
     };
     answer(&Message::Ready { pid: std::process::id() });
     warn!(worker = worker_pid, "the previous holder died; this one holds the mount now");
-    let worker = Worker { pid: worker_pid, channel, child: None, predecessor_died_at_ns: None, retired: false, failure: None };
+    let worker = Worker { pid: worker_pid, channel, child: None, predecessor_died_at_ns: None, retired: false, prepared: false, failure: None };
     let slot = Lifecycle::serving(worker_pid, Instant::now());
-    Holder { fds, state, binary, slot, worker: Some(worker), retiring: Vec::new(), upgrade: None, control }.run()
+    Holder { fds, state, binary, slot, worker: Some(worker), standby: None, standby_failures: 0, retiring: Vec::new(), upgrade: None, control }.run()
 }
 
 /// Which of the holder's sockets have something to say.
@@ -227,6 +238,7 @@ struct Ready {
     worker: bool,
     control: bool,
     upgrade: bool,
+    standby: bool,
     /// Indexes into `retiring`.
     retiring: Vec<usize>,
 }
@@ -249,19 +261,67 @@ impl Holder {
             if ready.control {
                 self.answer_control();
             }
+            if ready.standby {
+                self.on_standby_event();
+            }
             if ready.worker && self.on_worker_event() {
                 return Ok(());
             }
             if self.step(Event::Tick) {
                 return Ok(());
             }
+            self.ensure_standby();
         }
+    }
+
+    /// Starts a standby when the slot's worker serves and has finished its own takeover (so
+    /// the start does not compete with it), unless standbys keep failing by themselves.
+    fn ensure_standby(&mut self) {
+        let settled = matches!(self.slot.phase(), Phase::Serving { .. }) && self.worker.as_ref().is_some_and(|w| w.predecessor_died_at_ns.is_none());
+        if self.standby.is_some() || !settled || self.standby_failures >= MAX_STANDBY_FAILURES {
+            return;
+        }
+        let state = State { takeover: Takeover::Standby, ..self.state.clone() };
+        match launch(&self.binary, Role::Worker, &state, &self.fds) {
+            Ok((channel, child)) => self.standby = Some(Worker::started(channel, child, None)),
+            Err(error) => {
+                self.standby_failures += 1;
+                warn!(%error, "cannot start a standby worker");
+            }
+        }
+    }
+
+    fn on_standby_event(&mut self) {
+        let Some(standby) = self.standby.as_mut() else { return };
+        match handover::receive_message(standby.channel.as_fd()) {
+            Ok(Some(Message::Ready { .. })) => standby.prepared = true,
+            Ok(Some(Message::Failed(why))) => standby.failure = Some(why),
+            Ok(Some(other)) => warn!(message = ?other, "unexpected message from the standby worker"),
+            Ok(None) | Err(_) => {
+                let mut standby = self.standby.take().expect("checked above");
+                match standby.reap() {
+                    Exit::Failed(how) => {
+                        self.standby_failures += 1;
+                        warn!(pid = standby.pid, how, failures = self.standby_failures, "the standby worker failed");
+                    }
+                    exit => info!(pid = standby.pid, how = ?exit, "the standby worker was killed"),
+                }
+            }
+        }
+    }
+
+    /// Lets the standby go (it is of a binary an upgrade replaced).
+    fn discard_standby(&mut self) {
+        if let Some(child) = self.standby.take().and_then(|mut s| s.child.take()).as_mut() {
+            discard(child);
+        }
+        self.standby_failures = 0;
     }
 
     /// Polls every socket until one has something to say or a deadline passes.
     fn wait(&self) -> Result<Ready, MountError> {
         let mut fds = vec![PollFd::new(self.control.as_fd(), PollFlags::POLLIN)];
-        let watched: Vec<Option<BorrowedFd<'_>>> = [self.worker.as_ref(), self.upgrade.as_ref().map(|u| &u.worker)]
+        let watched: Vec<Option<BorrowedFd<'_>>> = [self.worker.as_ref(), self.upgrade.as_ref().map(|u| &u.worker), self.standby.as_ref()]
             .into_iter()
             .map(|w| w.map(|w| w.channel.as_fd()))
             .collect();
@@ -283,8 +343,9 @@ impl Holder {
         let control = events.next().unwrap_or(false);
         let worker = watched[0].is_some() && events.next().unwrap_or(false);
         let upgrade = watched[1].is_some() && events.next().unwrap_or(false);
+        let standby = watched[2].is_some() && events.next().unwrap_or(false);
         let retiring = events.enumerate().filter(|(_, ready)| *ready).map(|(i, _)| i).collect();
-        Ok(Ready { worker, control, upgrade, retiring })
+        Ok(Ready { worker, control, upgrade, standby, retiring })
     }
 
     /// Feeds the serving slot an event and carries out what it decides. True when the mount
@@ -318,6 +379,10 @@ impl Holder {
     fn launch_replacement(&mut self, died_at_ns: u64) -> Option<Action> {
         self.state.restarts += 1;
         self.state.takeover = Takeover::AfterDeath { died_at_ns };
+        if let Some(pid) = self.wake_standby(died_at_ns) {
+            self.slot.on(Event::Launched { pid }, Instant::now());
+            return self.slot.on(Event::Ready, Instant::now());
+        }
         let event = match launch(&self.binary, Role::Worker, &self.state, &self.fds) {
             Ok((channel, child)) => {
                 let worker = Worker::started(channel, child, Some(died_at_ns));
@@ -328,6 +393,25 @@ impl Holder {
             Err(e) => Event::LaunchFailed { why: e.to_string() },
         };
         self.slot.on(event, Instant::now())
+    }
+
+    /// Hands the slot to the standby, if one is prepared: its pid.
+    fn wake_standby(&mut self, died_at_ns: u64) -> Option<u32> {
+        if !self.standby.as_ref().is_some_and(|s| s.prepared) {
+            return None;
+        }
+        let mut standby = self.standby.take().expect("checked above");
+        let go = Message::Go { died_at_ns, history: self.state.history() };
+        if let Err(error) = handover::send_message(standby.channel.as_fd(), &go) {
+            warn!(%error, "the standby worker is gone; starting another worker");
+            standby.reap();
+            return None;
+        }
+        standby.predecessor_died_at_ns = Some(died_at_ns);
+        self.standby_failures = 0;
+        let pid = standby.pid;
+        self.worker = Some(standby);
+        Some(pid)
     }
 
     /// A message from the slot's worker, or its end. True when the holder is done.
@@ -433,13 +517,7 @@ impl Holder {
         self.slot = Lifecycle::serving(pid, Instant::now());
         self.state.upgrades += 1;
         let new = self.worker.as_ref().expect("just placed");
-        let history = Message::History {
-            restarts: self.state.restarts,
-            upgrades: self.state.upgrades,
-            stalls_us: self.state.stalls_us.clone(),
-            takeovers_measured: self.state.takeovers_measured,
-        };
-        let _ = handover::send_message(new.channel.as_fd(), &history);
+        let _ = handover::send_message(new.channel.as_fd(), &Message::History(self.state.history()));
         if !was_serving {
             // The slot's worker had died and its successor had not yet started serving: what
             // the dead one held must be resent to the upgraded worker.
@@ -447,6 +525,7 @@ impl Holder {
         }
         info!(pid, binary = %upgrade.binary.display(), upgrades = self.state.upgrades, "upgraded");
         self.binary = upgrade.binary;
+        self.discard_standby();
         control::reply(&upgrade.client, &ControlReply::Upgraded { pid });
     }
 
