@@ -188,7 +188,7 @@ fn await_go(channel: BorrowedFd<'_>) -> Option<(u64, History)> {
 }
 
 /// The size of a worker's private memory cache beside the shared chunk memory.
-const PRIVATE_MEMORY: u64 = 32 << 20;
+const PRIVATE_MEMORY: u64 = 64 << 20;
 
 /// Maps the mount's shared chunk memory; a damaged one is left alone (logged), and this
 /// worker serves from its own memory and the cache directory instead.
