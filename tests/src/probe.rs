@@ -104,7 +104,7 @@ impl ChildWatch {
 }
 
 /// The children of every thread of `pid`, from /proc.
-fn children_of(pid: i32) -> Vec<i32> {
+pub fn children_of(pid: i32) -> Vec<i32> {
     let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
     tasks
         .filter_map(|task| fs::read_to_string(task.ok()?.path().join("children")).ok())

@@ -14,6 +14,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{sendmsg, socketpair, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr};
 use nix::unistd::Pid;
 use phoenixfs_tests::mount::PhoenixMount;
+use phoenixfs_tests::probe::children_of;
 use phoenixfs_tests::trees::noise;
 use phoenixfs_tests::{assert_one_line_error, build_image, fixture_dir, phoenixfs_bin};
 use sha2::{Digest, Sha256};
@@ -33,6 +34,42 @@ fn next_worker(mount: &PhoenixMount, old: u32) -> (u32, Instant) {
         assert!(Instant::now() < deadline, "no new worker after killing {old}");
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// A child of the holder other than `worker` (its standby), once there is one.
+fn standby_of(holder: i32, worker: u32) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(pid) = children_of(holder).into_iter().find(|&pid| pid != worker as i32) {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "the holder started no standby beside worker {worker}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The holder keeps a standby worker prepared beside the serving one; when the serving one
+/// dies, the standby takes over (no process is started for the takeover), answers what the
+/// dead one held, and another standby is prepared after it.
+#[test]
+fn a_prepared_standby_takes_over_when_the_worker_dies() {
+    let data = noise(9, 3 << 20);
+    let (root, image, store) = one_file_image("failover-standby", &data);
+    let mount = PhoenixMount::new(&image, &store, &root.join("cache"), &[]);
+    let holder = mount.status()["holder_pid"].as_u64().unwrap() as i32;
+    let worker = mount.worker_pid();
+    let standby = standby_of(holder, worker);
+    // Time to map the image and open the cache; a standby not yet prepared would be passed
+    // over for a fresh worker, and the assertion below would say so.
+    std::thread::sleep(Duration::from_secs(2));
+    kill(Pid::from_raw(worker as i32), Signal::SIGKILL).unwrap();
+    assert!(fs::read(mount.path().join("file")).unwrap() == data);
+    let (new, _) = next_worker(&mount, worker);
+    assert_eq!(new, standby as u32, "the standby took over");
+    let status = mount.status();
+    assert_eq!(status["worker_restarts"].as_u64(), Some(1), "{status}");
+    assert!(status["worker_start_ms"].as_f64().unwrap() < 1000.0, "{status}");
+    standby_of(holder, new);
 }
 
 /// A fixture whose image holds one file, `file`, with `data`: (fixture root, image, store).

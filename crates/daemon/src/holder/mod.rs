@@ -106,6 +106,7 @@ impl Holder {
     /// socket until unmounted.
     fn run(mut self) -> Result<(), MountError> {
         loop {
+            self.ensure_standby();
             let ready = self.wait()?;
             // Highest index first, so that removing one keeps the others' positions.
             for i in ready.retiring.into_iter().rev() {
@@ -128,7 +129,6 @@ impl Holder {
             if self.step(Event::Tick) {
                 return Ok(());
             }
-            self.ensure_standby();
         }
     }
 
