@@ -79,9 +79,9 @@ struct Holder {
     slot: Lifecycle,
     /// The process in the serving slot, starting or serving; none while waiting to start one.
     worker: Option<Worker>,
-    /// A worker started ahead of need, prepared to take over the moment the serving one dies:
-    /// a takeover then costs no process start.
-    standby: Option<Worker>,
+    /// Workers started ahead of need, prepared to take over the moment the serving one dies:
+    /// a takeover then costs no process start. Oldest first.
+    standbys: Vec<Worker>,
     /// Standbys in a row that failed by themselves: after a few, none until a takeover.
     standby_failures: u32,
     /// Workers upgrades replaced, until each has finished its requests and exited.
@@ -96,7 +96,8 @@ struct Ready {
     worker: bool,
     control: bool,
     upgrade: bool,
-    standby: bool,
+    /// Indexes into `standbys`.
+    standbys: Vec<usize>,
     /// Indexes into `retiring`.
     retiring: Vec<usize>,
 }
@@ -120,8 +121,8 @@ impl Holder {
             if ready.control {
                 self.answer_control();
             }
-            if ready.standby {
-                self.on_standby_event();
+            for i in ready.standbys.into_iter().rev() {
+                self.on_standby_event(i);
             }
             if ready.worker && self.on_worker_event() {
                 return Ok(());
@@ -135,14 +136,14 @@ impl Holder {
     /// Polls every socket until one has something to say or a deadline passes.
     fn wait(&self) -> Result<Ready, MountError> {
         let mut fds = vec![PollFd::new(self.control.as_fd(), PollFlags::POLLIN)];
-        let watched: Vec<Option<BorrowedFd<'_>>> = [self.worker.as_ref(), self.upgrade.as_ref().map(|u| &u.worker), self.standby.as_ref()]
+        let watched: Vec<Option<BorrowedFd<'_>>> = [self.worker.as_ref(), self.upgrade.as_ref().map(|u| &u.worker)]
             .into_iter()
             .map(|w| w.map(|w| w.channel.as_fd()))
             .collect();
         for fd in watched.iter().flatten() {
             fds.push(PollFd::new(*fd, PollFlags::POLLIN));
         }
-        fds.extend(self.retiring.iter().map(|r| PollFd::new(r.channel.as_fd(), PollFlags::POLLIN)));
+        fds.extend(self.standbys.iter().chain(&self.retiring).map(|w| PollFd::new(w.channel.as_fd(), PollFlags::POLLIN)));
         let deadline = [self.slot.deadline(), self.upgrade.as_ref().map(|u| u.deadline)].into_iter().flatten().min();
         let timeout = match deadline {
             // One millisecond late rather than early: poll rounds down.
@@ -157,9 +158,10 @@ impl Holder {
         let control = events.next().unwrap_or(false);
         let worker = watched[0].is_some() && events.next().unwrap_or(false);
         let upgrade = watched[1].is_some() && events.next().unwrap_or(false);
-        let standby = watched[2].is_some() && events.next().unwrap_or(false);
-        let retiring = events.enumerate().filter(|(_, ready)| *ready).map(|(i, _)| i).collect();
-        Ok(Ready { worker, control, upgrade, standby, retiring })
+        let ready_indexes = |events: &mut dyn Iterator<Item = bool>, n: usize| events.take(n).enumerate().filter(|(_, ready)| *ready).map(|(i, _)| i).collect();
+        let standbys = ready_indexes(&mut events, self.standbys.len());
+        let retiring = ready_indexes(&mut events, self.retiring.len());
+        Ok(Ready { worker, control, upgrade, standbys, retiring })
     }
 
     /// Feeds the serving slot an event and carries out what it decides. True when the mount

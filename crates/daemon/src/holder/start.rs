@@ -59,7 +59,7 @@ pub(crate) fn hold(spec: MountSpec, image_id: String, fds: SessionFds, ready: Op
         let worker = Worker::started(channel, child, None);
         spawn_signal_thread(&mountpoint)?;
         let slot = Lifecycle::serving(worker.pid, Instant::now());
-        Ok::<_, MountError>((Holder { fds, state, binary, slot, worker: Some(worker), standby: None, standby_failures: 0, retiring: Vec::new(), upgrade: None, control }, warnings))
+        Ok::<_, MountError>((Holder { fds, state, binary, slot, worker: Some(worker), standbys: Vec::new(), standby_failures: 0, retiring: Vec::new(), upgrade: None, control }, warnings))
     })();
     match started {
         Ok((holder, warnings)) => {
@@ -148,7 +148,7 @@ pub fn run_adopting_holder() -> Result<(), MountError> {
     warn!(worker = worker_pid, "the previous holder died; this one holds the mount now");
     let worker = Worker { pid: worker_pid, channel, child: None, predecessor_died_at_ns: None, retired: false, prepared: false, failure: None };
     let slot = Lifecycle::serving(worker_pid, Instant::now());
-    Holder { fds, state, binary, slot, worker: Some(worker), standby: None, standby_failures: 0, retiring: Vec::new(), upgrade: None, control }.run()
+    Holder { fds, state, binary, slot, worker: Some(worker), standbys: Vec::new(), standby_failures: 0, retiring: Vec::new(), upgrade: None, control }.run()
 }
 
 /// Termination signals unmount; the worker then sees the connection end and exits cleanly.

@@ -78,7 +78,7 @@ impl Holder {
         }
         info!(pid, binary = %upgrade.binary.display(), upgrades = self.state.upgrades, "upgraded");
         self.binary = upgrade.binary;
-        self.discard_standby();
+        self.discard_standbys();
         control::reply(&upgrade.client, &ControlReply::Upgraded { pid });
     }
 
