@@ -36,7 +36,7 @@ fn next_worker(mount: &PhoenixMount, old: u32) -> (u32, Instant) {
     }
 }
 
-/// A child of the holder other than `worker` (its standby), once there is one.
+/// A child of the holder other than `worker` (its oldest standby), once there is one.
 fn standby_of(holder: i32, worker: u32) -> i32 {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -48,9 +48,9 @@ fn standby_of(holder: i32, worker: u32) -> i32 {
     }
 }
 
-/// The holder keeps a standby worker prepared beside the serving one; when the serving one
-/// dies, the standby takes over (no process is started for the takeover), answers what the
-/// dead one held, and another standby is prepared after it.
+/// The holder keeps standby workers prepared beside the serving one; when the serving one
+/// dies, the oldest standby takes over (no process is started for the takeover), answers
+/// what the dead one held, and another standby is prepared after it.
 #[test]
 fn a_prepared_standby_takes_over_when_the_worker_dies() {
     let data = noise(9, 3 << 20);
