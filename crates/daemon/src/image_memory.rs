@@ -51,3 +51,39 @@ pub(crate) fn map(fd: &OwnedFd, id: ImageId) -> Result<ImageFile, MountError> {
     // Verified when it was sealed: only its structure is checked again, in constant time.
     ImageFile::from_verified(ImageBytes::new(Arc::new(mapping)), id).map_err(|e| bad(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use phoenixfs_builder::{build, BuildOptions};
+    use phoenixfs_store::MemoryStore;
+
+    use super::*;
+
+    fn image_bytes() -> (Vec<u8>, ImageId) {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("file"), vec![7u8; 300_000]).unwrap();
+        let built = build(src.path(), &MemoryStore::new(), &BuildOptions::default()).unwrap();
+        (built.image_file, built.id)
+    }
+
+    #[test]
+    fn a_sealed_image_maps_as_the_image_it_was() {
+        let (bytes, id) = image_bytes();
+        let fd = seal(&bytes).unwrap();
+        let image = map(&fd, id).unwrap();
+        assert_eq!(image.id, id);
+        assert!(image.bytes() == bytes.as_slice());
+        // Nobody, not even its maker, can change it now.
+        let mut file = File::from(fd.try_clone().unwrap());
+        assert!(file.write_all(b"x").is_err());
+        assert!(file.set_len(1).is_err());
+    }
+
+    #[test]
+    fn an_unsealed_memfd_is_refused() {
+        let (bytes, id) = image_bytes();
+        let fd = memfd_create(c"not-sealed", MemFdCreateFlag::MFD_CLOEXEC).unwrap();
+        File::from(fd.try_clone().unwrap()).write_all(&bytes).unwrap();
+        assert!(matches!(map(&fd, id), Err(MountError::ImageMemory(why)) if why.contains("not sealed")));
+    }
+}
