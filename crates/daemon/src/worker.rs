@@ -82,6 +82,7 @@ pub fn run_worker() -> Result<(), MountError> {
         state.launched_at_ns = monotonic_ns();
         resend_after_death(&state, &session)?;
     }
+    index_cache_later(&fs.cache)?;
     let threads = state.spec.threads;
     let link = Arc::new(HolderLink {
         channel: Mutex::new(Arc::new(channel)),
@@ -144,18 +145,6 @@ fn start_serving(state: &State, session: &Session, image: &OwnedFd, chunks: Opti
         (None, limit) => limit,
     };
     let cache = Arc::new(ChunkCache::open_unindexed(&spec.cache_dir, spec.cache_limit, private_limit, shared)?);
-    {
-        let cache = cache.clone();
-        spawn_thread("cache-index", move || {
-            // After the takeover's rush, at the lowest priority: a worker killed again within
-            // the second has spent nothing on it.
-            std::thread::sleep(Duration::from_secs(1));
-            lowest_priority_for_this_thread();
-            if let Err(error) = cache.index_disk() {
-                warn!(%error, "cannot index the cache directory; its size limit is not enforced for what it held");
-            }
-        })?;
-    }
     resend_after_death(state, session)?;
     let fs = ImageFs::new(Arc::new(image), Arc::new(store), cache, spec.readahead);
     if state.takeover == Takeover::First && spec.prefetch != Prefetch::Nothing {
@@ -163,6 +152,20 @@ fn start_serving(state: &State, session: &Session, image: &OwnedFd, chunks: Opti
         spawn_thread("prefetch", move || prefetch_chunks(&fs, &prefetch, progress))?;
     }
     Ok(fs)
+}
+
+/// Indexes the cache directory (for its size limit) a second after the worker starts serving,
+/// at the lowest priority: a worker killed again within the second, or a standby never
+/// called, spends nothing on it.
+fn index_cache_later(cache: &Arc<ChunkCache>) -> Result<(), MountError> {
+    let cache = cache.clone();
+    spawn_thread("cache-index", move || {
+        std::thread::sleep(Duration::from_secs(1));
+        lowest_priority_for_this_thread();
+        if let Err(error) = cache.index_disk() {
+            warn!(%error, "cannot index the cache directory; its size limit is not enforced for what it held");
+        }
+    })
 }
 
 /// Asks the kernel to resend what a dead predecessor had read. Harmless for the first worker
