@@ -15,6 +15,7 @@ pub mod trees;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 /// The `phoenixfs` binary built beside the test executable (`cargo build` puts it in the
 /// target directory's profile folder, one level above `deps/`).
@@ -39,6 +40,19 @@ fn profile_dir() -> PathBuf {
 /// Where test fixtures live: under the target directory, so nothing piles up in /tmp.
 pub fn fixtures_root() -> PathBuf {
     profile_dir().join("../test-fixtures")
+}
+
+/// Calls `probe` every few milliseconds until it gives a value, and returns that; panics
+/// naming `what` if `timeout` passes first.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Runs `cmd`, panics with its stderr unless it succeeds, returns its stdout.

@@ -16,36 +16,22 @@ use nix::unistd::Pid;
 use phoenixfs_tests::mount::PhoenixMount;
 use phoenixfs_tests::probe::children_of;
 use phoenixfs_tests::trees::noise;
-use phoenixfs_tests::{assert_one_line_error, build_image, fixture_dir, phoenixfs_bin};
+use phoenixfs_tests::{assert_one_line_error, build_image, fixture_dir, phoenixfs_bin, wait_until};
 use sha2::{Digest, Sha256};
 
 /// The worker's pid once a worker other than `old` answers status; and when it did.
 fn next_worker(mount: &PhoenixMount, old: u32) -> (u32, Instant) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    wait_until(Duration::from_secs(30), &format!("a new worker after killing {old}"), || {
         let out = phoenixfs_tests::phoenixfs().arg("status").arg(mount.path()).arg("--json").output().unwrap();
-        if out.status.success() {
-            let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            let pid = all[0]["pid"].as_u64().unwrap() as u32;
-            if pid != old {
-                return (pid, Instant::now());
-            }
-        }
-        assert!(Instant::now() < deadline, "no new worker after killing {old}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+        let all: serde_json::Value = serde_json::from_slice(&out.stdout).ok().filter(|_| out.status.success())?;
+        let pid = all[0]["pid"].as_u64().unwrap() as u32;
+        (pid != old).then(|| (pid, Instant::now()))
+    })
 }
 
 /// A child of the holder other than `worker` (its oldest standby), once there is one.
 fn standby_of(holder: i32, worker: u32) -> i32 {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(pid) = children_of(holder).into_iter().find(|&pid| pid != worker as i32) {
-            return pid;
-        }
-        assert!(Instant::now() < deadline, "the holder started no standby beside worker {worker}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until(Duration::from_secs(30), &format!("a standby beside worker {worker}"), || children_of(holder).into_iter().find(|&pid| pid != worker as i32))
 }
 
 /// The holder keeps standby workers prepared beside the serving one; when the serving one
@@ -230,11 +216,7 @@ fn a_failed_upgrade_rolls_back() {
     assert_eq!(status["upgrades"], 1);
     assert!(fs::read(mount.path().join("file")).unwrap() == data);
     assert_eq!(mount.status()["resent_requests"], 0);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while phoenixfs_tests::process_alive(worker) {
-        assert!(Instant::now() < deadline, "the replaced worker exits");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until(Duration::from_secs(10), "the replaced worker exits", || (!phoenixfs_tests::process_alive(worker)).then_some(()));
 }
 
 /// The holder keeps watching the serving worker while an upgrade's new worker is starting
