@@ -2,6 +2,7 @@
 //! mount, in a loop, while the mount's daemons are SIGKILLed or upgraded at random instants.
 //! Used by the end-to-end tests (CI-sized) and by `phoenixfs-chaos` (long runs, benchmarks).
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read};
 use std::os::fd::AsRawFd;
@@ -517,6 +518,8 @@ pub struct Report {
     pub stalls_ms: Vec<f64>,
     /// Requests the kernel resent to workers that took over by upgrade.
     pub resent_after_upgrades: u64,
+    /// Holders that ended without being killed (a crash the worker covered for).
+    pub holder_deaths_unasked: usize,
     pub elapsed: Duration,
 }
 
@@ -528,7 +531,7 @@ impl Report {
     pub fn summary(&self) -> String {
         let stall = |p| self.stall_percentile(p).map_or("-".into(), |ms| format!("{ms:.1} ms"));
         format!(
-            "worker kills {}, holder kills {}, upgrades {}; {} files, {} bytes verified in {:.1} s ({:.0} MiB/s), reader passes {:?}; errors {}, daemon errors {}, resent after upgrades {}; stall median {}, p99 {}, worst {}",
+            "worker kills {}, holder kills {}, upgrades {}; {} files, {} bytes verified in {:.1} s ({:.0} MiB/s), reader passes {:?}; errors {}, daemon errors {}, holders that died by themselves {}, resent after upgrades {}; stall median {}, p99 {}, worst {}",
             self.worker_kills,
             self.holder_kills,
             self.upgrades,
@@ -539,6 +542,7 @@ impl Report {
             self.reader_passes,
             self.errors,
             self.daemon_errors,
+            self.holder_deaths_unasked,
             self.resent_after_upgrades,
             stall(0.5),
             stall(0.99),
@@ -596,10 +600,13 @@ pub fn run(dataset: &Dataset, reader_bin: &Path, plan: &Plan, cache: &Path) -> R
     let mut event = 0;
     // The worker the latest upgrade started, until its resent requests are counted.
     let mut upgraded = None;
+    // Every holder pid seen: one more than the holder kills unless a holder died by itself.
+    let mut holders = HashSet::new();
     while event < plan.events || started.elapsed() < plan.min_duration {
         let (low, high) = plan.interval_ms;
         std::thread::sleep(Duration::from_millis(low + rng.next() % (high - low + 1)));
         let status = current_status(&mount);
+        holders.insert(pid_of(&status, "holder_pid"));
         count_resent_after_upgrade(&status, &mut upgraded, &mut report);
         match plan.victim {
             Victim::Nobody => {}
@@ -638,6 +645,8 @@ pub fn run(dataset: &Dataset, reader_bin: &Path, plan: &Plan, cache: &Path) -> R
     report.elapsed = started.elapsed();
     let _ = fs::remove_file(&stop);
     let status = current_status(&mount);
+    holders.insert(pid_of(&status, "holder_pid"));
+    report.holder_deaths_unasked = holders.len().saturating_sub(report.holder_kills + 1);
     report.daemon_errors = status["errors"].as_u64().unwrap_or(0);
     assert_eq!(status["worker_restarts"].as_u64(), Some(report.worker_kills as u64), "every worker kill is one restart");
     assert_eq!(status["upgrades"].as_u64(), Some(report.upgrades as u64), "every upgrade counted");

@@ -44,6 +44,7 @@ fn chaos_run_on(make_dataset: fn() -> Dataset, victim: Victim, events: usize, na
     print(&format!("chaos {name}: {}", report.summary()));
     assert_eq!(report.errors, 0, "readers saw errors or wrong bytes");
     assert_eq!(report.daemon_errors, 0, "the daemon answered requests with errors");
+    assert_eq!(report.holder_deaths_unasked, 0, "a holder died by itself");
     // Every reader finished at least one whole pass: 3 verify bytes, all 4 check every entry.
     assert!(report.bytes_verified >= 3 * dataset.bytes, "{} bytes verified", report.bytes_verified);
     assert!(report.files_verified >= 4 * dataset.files as u64, "{} files verified", report.files_verified);

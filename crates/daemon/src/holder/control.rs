@@ -74,10 +74,15 @@ pub fn request_upgrade(mountpoint: &Path, binary: &Path) -> Result<u32, MountErr
     request.push(b'\n');
     stream.write_all(&request).map_err(io("writing to"))?;
     let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line).map_err(io("reading from"))?;
+    // A holder that dies while upgrading resets the connection or closes it unanswered.
+    let no_answer = match BufReader::new(&stream).read_line(&mut line) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut => return Err(io("waiting for an answer from")(e)),
+        Err(e) => e.to_string(),
+        Ok(_) => "the connection closed".into(),
+    };
     match serde_json::from_str(&line) {
         Ok(ControlReply::Upgraded { pid }) => Ok(pid),
         Ok(ControlReply::Refused(why)) => Err(MountError::Refused(why)),
-        Err(_) => Err(MountError::Refused("the holder gave no answer (did it die? the mount recovers; try again)".into())),
+        Err(_) => Err(MountError::Refused(format!("the holder gave no answer ({no_answer}): did it die? the mount recovers; try again"))),
     }
 }

@@ -96,10 +96,11 @@ struct Ready {
     worker: bool,
     control: bool,
     upgrade: bool,
-    /// Indexes into `standbys`.
-    standbys: Vec<usize>,
-    /// Indexes into `retiring`.
-    retiring: Vec<usize>,
+    /// Pids of standbys, not indexes: the handlers before theirs may change the list
+    /// (an upgrade discards every standby).
+    standbys: Vec<u32>,
+    /// Pids of retiring workers.
+    retiring: Vec<u32>,
 }
 
 impl Holder {
@@ -109,9 +110,8 @@ impl Holder {
         loop {
             self.ensure_standby();
             let ready = self.wait()?;
-            // Highest index first, so that removing one keeps the others' positions.
-            for i in ready.retiring.into_iter().rev() {
-                self.on_retiring_event(i);
+            for pid in ready.retiring {
+                self.on_retiring_event(pid);
             }
             if ready.upgrade {
                 self.on_upgrade_event();
@@ -121,8 +121,8 @@ impl Holder {
             if ready.control {
                 self.answer_control();
             }
-            for i in ready.standbys.into_iter().rev() {
-                self.on_standby_event(i);
+            for pid in ready.standbys {
+                self.on_standby_event(pid);
             }
             if ready.worker && self.on_worker_event() {
                 return Ok(());
@@ -158,9 +158,9 @@ impl Holder {
         let control = events.next().unwrap_or(false);
         let worker = watched[0].is_some() && events.next().unwrap_or(false);
         let upgrade = watched[1].is_some() && events.next().unwrap_or(false);
-        let ready_indexes = |events: &mut dyn Iterator<Item = bool>, n: usize| events.take(n).enumerate().filter(|(_, ready)| *ready).map(|(i, _)| i).collect();
-        let standbys = ready_indexes(&mut events, self.standbys.len());
-        let retiring = ready_indexes(&mut events, self.retiring.len());
+        let ready_pids = |events: &mut dyn Iterator<Item = bool>, workers: &[Worker]| workers.iter().zip(events).filter(|(_, ready)| *ready).map(|(w, _)| w.pid).collect();
+        let standbys = ready_pids(&mut events, &self.standbys);
+        let retiring = ready_pids(&mut events, &self.retiring);
         Ok(Ready { worker, control, upgrade, standbys, retiring })
     }
 
@@ -247,13 +247,14 @@ impl Holder {
         self.step(event)
     }
 
-    fn on_retiring_event(&mut self, index: usize) {
+    fn on_retiring_event(&mut self, pid: u32) {
+        let Some(index) = self.retiring.iter().position(|w| w.pid == pid) else { return };
         let retiring = &mut self.retiring[index];
         match handover::receive_message(retiring.channel.as_fd()) {
             Ok(Some(Message::Retired)) => retiring.retired = true,
             Ok(Some(_)) => {}
             Ok(None) | Err(_) => {
-                let mut retiring = self.retiring.swap_remove(index);
+                let mut retiring = self.retiring.remove(index);
                 retiring.reap();
                 if !retiring.retired {
                     // It died holding requests the kernel still waits for. Without a serving

@@ -41,7 +41,9 @@ impl Holder {
         }
     }
 
-    pub(super) fn on_standby_event(&mut self, index: usize) {
+    /// A message from the standby `pid`, or its end; nothing if it is no longer a standby.
+    pub(super) fn on_standby_event(&mut self, pid: u32) {
+        let Some(index) = self.standbys.iter().position(|s| s.pid == pid) else { return };
         let standby = &mut self.standbys[index];
         match handover::receive_message(standby.channel.as_fd()) {
             Ok(Some(Message::Ready { .. })) => standby.prepared = true,
