@@ -91,6 +91,17 @@ enum Command {
         /// Threads serving FUSE requests [default: twice the cores, at least 4].
         #[arg(long)]
         threads: Option<usize>,
+        /// Mount with the kernel's own EROFS over fscache (cachefiles on-demand mode, Linux
+        /// 6.8+) instead of FUSE, served by the host's one fscache daemon (started when none runs).
+        #[arg(long)]
+        fscache: bool,
+        /// With --fscache: images of one domain share the cache files of identical blobs.
+        #[arg(long, requires = "fscache")]
+        domain: Option<String>,
+        /// With --fscache: where the kernel keeps its cache files (not tmpfs), when this
+        /// mount starts the daemon.
+        #[arg(long, default_value = "/var/cache/phoenixfs/fscache", requires = "fscache")]
+        fscache_dir: PathBuf,
     },
     /// Unmount a phoenixfs mount (detached lazily when files are still open).
     Umount { mountpoint: PathBuf },
@@ -108,6 +119,19 @@ enum Command {
     /// Hold a mount for a worker whose holder died (started by a worker, not by hand).
     #[command(hide = true)]
     Holder,
+    /// The host's fscache daemon, which serves `mount --fscache` images to the kernel (started
+    /// by the first such mount; runs until the last is unmounted).
+    FscacheDaemon {
+        /// Where the kernel keeps its cache files (not tmpfs).
+        #[arg(long)]
+        cache_dir: PathBuf,
+    },
+    /// Serve the fscache daemon for its holder (started by the daemon, not by hand).
+    #[command(hide = true)]
+    FscacheWorker,
+    /// Hold the fscache daemon for a worker whose holder died (not by hand).
+    #[command(hide = true)]
+    FscacheHolder,
     /// Show what a mount (or every phoenixfs mount) is doing.
     Status {
         mountpoint: Option<PathBuf>,
@@ -129,7 +153,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // A mount's daemon logs its life (takeovers, stalls, upgrades) by default.
-    let daemon = matches!(cli.command, Command::Mount { .. } | Command::Worker | Command::Holder);
+    let daemon = matches!(cli.command, Command::Mount { .. } | Command::Worker | Command::Holder | Command::FscacheDaemon { .. } | Command::FscacheWorker | Command::FscacheHolder);
     init_logging(cli.verbose + u8::from(daemon));
     let result = match cli.command {
         Command::Build { src, store, output, chunk_size, zstd_level } => {
@@ -138,7 +162,19 @@ fn main() -> ExitCode {
         Command::Inspect { image, store, json } => commands::inspect::run(&image, store.as_deref(), json),
         Command::Check { image, store } => commands::check::run(&image, &store),
         Command::Blob { image, store, output } => commands::blob::run(&image, &store, &output),
-        Command::Mount { image, mountpoint, store, cache, cache_size, memory_cache, foreground, prefetch, prefetch_all, readahead, threads } => {
+        Command::Mount { image, mountpoint, store, cache, cache_size, fscache: true, domain, fscache_dir, .. } => {
+            commands::fscache::mount(phoenixfs_daemon::fscache::FscacheMount {
+                image: commands::mount::image_argument(&image),
+                mountpoint,
+                store,
+                cache_dir: commands::mount::cache_dir(cache),
+                cache_limit: cache_size,
+                domain,
+                fscache_dir,
+                log_level: cli.verbose,
+            })
+        }
+        Command::Mount { image, mountpoint, store, cache, cache_size, memory_cache, foreground, prefetch, prefetch_all, readahead, threads, .. } => {
             commands::mount::run(commands::mount::MountArgs {
                 image,
                 mountpoint,
@@ -158,6 +194,9 @@ fn main() -> ExitCode {
         Command::Umount { mountpoint } => commands::mount::umount(&mountpoint),
         Command::Worker => commands::mount::worker(),
         Command::Holder => commands::mount::holder(),
+        Command::FscacheDaemon { cache_dir } => phoenixfs_daemon::fscache::run_fscache_daemon(&cache_dir, cli.verbose).map(|()| ExitCode::SUCCESS).map_err(Into::into),
+        Command::FscacheWorker => phoenixfs_daemon::fscache::run_fscache_worker().map(|()| ExitCode::SUCCESS).map_err(Into::into),
+        Command::FscacheHolder => phoenixfs_daemon::fscache::run_adopting_fscache_holder().map(|()| ExitCode::SUCCESS).map_err(Into::into),
         Command::Status { mountpoint, json } => commands::status::run(mountpoint.as_deref(), json),
     };
     match result {

@@ -4,6 +4,7 @@ use std::io;
 use std::path::PathBuf;
 
 use phoenixfs_cache::CacheError;
+use phoenixfs_cachefiles::DeviceError;
 use phoenixfs_fuse::session::SessionError;
 use phoenixfs_store::{ImageLoadError, StoreError};
 use thiserror::Error;
@@ -40,6 +41,8 @@ pub enum MountError {
     Refused(String),
     #[error("{0}")]
     Handover(#[from] HandoverError),
+    #[error(transparent)]
+    Cachefiles(#[from] DeviceError),
 }
 
 /// Why a started worker or holder did not take over.

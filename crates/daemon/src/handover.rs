@@ -13,6 +13,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{getsockopt, recvmsg, sendmsg, sockopt, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
 use phoenixfs_fuse::SessionParams;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
@@ -127,7 +128,7 @@ pub enum HandoverError {
     Stranger(u32),
 }
 
-pub fn encode(state: &State) -> Vec<u8> {
+pub fn encode(state: &impl Serialize) -> Vec<u8> {
     let json = serde_json::to_vec(state).expect("state serialises");
     let mut out = Vec::with_capacity(json.len() + 48);
     out.extend_from_slice(MAGIC);
@@ -138,7 +139,7 @@ pub fn encode(state: &State) -> Vec<u8> {
     out
 }
 
-pub fn decode(bytes: &[u8]) -> Result<State, HandoverError> {
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, HandoverError> {
     let corrupt = |why: &str| HandoverError::Corrupt(why.to_string());
     if bytes.len() < 16 || &bytes[..8] != MAGIC {
         return Err(corrupt("bad magic"));
@@ -156,6 +157,31 @@ pub fn decode(bytes: &[u8]) -> Result<State, HandoverError> {
         return Err(corrupt("checksum mismatch"));
     }
     serde_json::from_slice(json).map_err(|e| HandoverError::Corrupt(e.to_string()))
+}
+
+/// Sends `state` (framed and checksummed) and `fds` as one message.
+pub fn send_with_fds(socket: BorrowedFd<'_>, state: &impl Serialize, fds: &[RawFd]) -> Result<(), HandoverError> {
+    let bytes = encode(state);
+    sendmsg::<UnixAddr>(socket.as_raw_fd(), &[IoSlice::new(&bytes)], &[ControlMessage::ScmRights(fds)], MsgFlags::empty(), None)
+        .map_err(HandoverError::Socket)?;
+    Ok(())
+}
+
+/// Receives what [`send_with_fds`] sent: the fds (at most 4), then the state (checked).
+pub fn receive_with_fds<T: DeserializeOwned>(socket: BorrowedFd<'_>) -> Result<(Result<T, HandoverError>, Vec<OwnedFd>), HandoverError> {
+    let mut buf = vec![0u8; MAX_STATE];
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<UnixAddr>(socket.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC).map_err(HandoverError::Socket)?;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs().map_err(HandoverError::Socket)? {
+        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+            // SAFETY: SCM_RIGHTS just installed these descriptors in this process; we own them.
+            fds.extend(raw.into_iter().map(|raw| unsafe { OwnedFd::from_raw_fd(raw) }));
+        }
+    }
+    let len = msg.bytes;
+    Ok((decode(&buf[..len]), fds))
 }
 
 /// What every process of a mount holds and passes on: the FUSE connection, the verified
@@ -177,37 +203,19 @@ impl SessionFds {
 
 /// Sends the state and the session's fds as one message.
 pub fn send(socket: BorrowedFd<'_>, state: &State, fds: &SessionFds) -> Result<(), HandoverError> {
-    let bytes = encode(state);
-    let raw = fds.raw();
-    sendmsg::<UnixAddr>(socket.as_raw_fd(), &[IoSlice::new(&bytes)], &[ControlMessage::ScmRights(&raw)], MsgFlags::empty(), None)
-        .map_err(HandoverError::Socket)?;
-    Ok(())
+    send_with_fds(socket, state, &fds.raw())
 }
 
 /// Receives what `send` sent: the session's fds, and the state (checked).
 pub fn receive(socket: BorrowedFd<'_>) -> Result<(State, SessionFds), HandoverError> {
-    let mut buf = vec![0u8; MAX_STATE];
-    let mut space = nix::cmsg_space!([RawFd; 3]);
-    let (len, mut fds) = {
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = recvmsg::<UnixAddr>(socket.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
-            .map_err(HandoverError::Socket)?;
-        let mut fds = Vec::new();
-        for cmsg in msg.cmsgs().map_err(HandoverError::Socket)? {
-            if let ControlMessageOwned::ScmRights(raw) = cmsg {
-                // SAFETY: SCM_RIGHTS just installed these descriptors in this process; we own them.
-                fds.extend(raw.into_iter().map(|raw| unsafe { OwnedFd::from_raw_fd(raw) }));
-            }
-        }
-        (msg.bytes, fds)
-    };
+    let (state, mut fds) = receive_with_fds(socket)?;
     if !(2..=3).contains(&fds.len()) {
         return Err(HandoverError::Fds(fds.len()));
     }
     let chunks = (fds.len() == 3).then(|| fds.pop().expect("three fds"));
     let image = fds.pop().expect("two fds");
     let fuse = fds.pop().expect("one fd");
-    Ok((decode(&buf[..len])?, SessionFds { fuse, image, chunks }))
+    Ok((state?, SessionFds { fuse, image, chunks }))
 }
 
 /// Sends one message; fails when the other side is gone.
@@ -265,16 +273,16 @@ mod tests {
     #[test]
     fn state_round_trips_and_any_damage_is_refused() {
         let bytes = encode(&sample());
-        assert_eq!(decode(&bytes).unwrap(), sample());
+        assert_eq!(decode::<State>(&bytes).unwrap(), sample());
         for at in 0..bytes.len() {
             let mut damaged = bytes.clone();
             damaged[at] ^= 0x20;
-            assert!(decode(&damaged).is_err(), "flip at {at} accepted");
+            assert!(decode::<State>(&damaged).is_err(), "flip at {at} accepted");
         }
-        assert!(decode(&bytes[..bytes.len() - 1]).is_err());
+        assert!(decode::<State>(&bytes[..bytes.len() - 1]).is_err());
         let mut future = bytes.clone();
         future[8] = 4;
-        assert!(matches!(decode(&future), Err(HandoverError::Version(4))));
+        assert!(matches!(decode::<State>(&future), Err(HandoverError::Version(4))));
     }
 
     #[test]

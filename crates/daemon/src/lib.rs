@@ -20,6 +20,7 @@ mod error;
 #[cfg(feature = "failpoints")]
 mod failpoints;
 mod fs;
+pub mod fscache;
 mod handover;
 mod holder;
 mod image_memory;

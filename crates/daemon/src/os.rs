@@ -39,3 +39,14 @@ pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
     let kib = status.lines().find_map(|line| line.strip_prefix("VmRSS:"))?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()?;
     Some(kib * 1024)
 }
+
+/// A panic anywhere in a worker ends the worker, as a death: the holder replaces it and the
+/// kernel resends what it held. A thread that unwound alone would leave the worker a thread
+/// short and its requests unanswered.
+pub(crate) fn die_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
+}

@@ -20,7 +20,7 @@ use crate::fs::ImageFs;
 use crate::handover::{self, History, Message, SessionFds, State, Takeover};
 use crate::holder::{start_with_handover, Role};
 use crate::image_memory;
-use crate::os::{lowest_priority_for_this_thread, monotonic_ns, rss_bytes, set_cloexec, spawn_thread};
+use crate::os::{die_on_panic, lowest_priority_for_this_thread, monotonic_ns, rss_bytes, set_cloexec, spawn_thread};
 use crate::spec::Prefetch;
 use crate::status::{self, Status};
 
@@ -116,17 +116,6 @@ pub fn run_worker() -> Result<(), MountError> {
         }
     }
     Ok(())
-}
-
-/// A panic anywhere in a worker ends the worker, as a death: the holder replaces it and the
-/// kernel resends what it held. A thread that unwound alone would leave the worker a thread
-/// short and its requests unanswered.
-fn die_on_panic() {
-    let report = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        report(info);
-        std::process::abort();
-    }));
 }
 
 /// Maps the image, opens the store and cache the state names, and resends a dead

@@ -32,15 +32,26 @@ fn default_cache_dir() -> PathBuf {
     }
 }
 
+/// An image argument as the daemon keeps it: a file's absolute path, or an image id.
+pub fn image_argument(image: &str) -> String {
+    match std::fs::canonicalize(image) {
+        Ok(path) => path.display().to_string(),
+        Err(_) => image.to_string(),
+    }
+}
+
+/// The chunk cache directory, absolute: the one given, or the default.
+pub fn cache_dir(given: Option<PathBuf>) -> PathBuf {
+    let dir = given.unwrap_or_else(default_cache_dir);
+    std::path::absolute(&dir).unwrap_or(dir)
+}
+
 pub fn run(args: MountArgs) -> Result<ExitCode> {
     phoenixfs_daemon::preflight(&args.mountpoint)?;
     // The daemon loads and verifies the image once, before it mounts anything: a bad image
     // or store is reported then, in one line.
     let store = LocalStore::open(&args.store)?;
-    let image = match std::fs::canonicalize(&args.image) {
-        Ok(path) => path.display().to_string(),
-        Err(_) => args.image.clone(),
-    };
+    let image = image_argument(&args.image);
     let prefetch = match (&args.prefetch_list, args.prefetch_all) {
         (_, true) => Prefetch::All,
         (Some(list), false) => {
@@ -53,7 +64,7 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
     let spec = MountSpec {
         image,
         store: store.root().to_path_buf(),
-        cache_dir: std::path::absolute(args.cache.unwrap_or_else(default_cache_dir)).context("the cache directory")?,
+        cache_dir: cache_dir(args.cache),
         cache_limit: args.cache_size,
         memory_limit: args.memory_cache,
         mountpoint: args.mountpoint,
@@ -87,12 +98,19 @@ pub fn upgrade(mountpoint: &Path, binary: Option<PathBuf>) -> Result<ExitCode> {
         Some(path) => std::fs::canonicalize(&path).with_context(|| format!("binary {}", path.display()))?,
         None => std::env::current_exe().context("finding this binary")?,
     };
+    if phoenixfs_daemon::fscache::is_fscache_mount(&canonical) {
+        return super::fscache::upgrade(&binary);
+    }
     let pid = phoenixfs_daemon::request_upgrade(&canonical, &binary).with_context(|| format!("upgrading {}", canonical.display()))?;
     println!("{}: worker {pid} from {} serves now", canonical.display(), binary.display());
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn umount(mountpoint: &Path) -> Result<ExitCode> {
+    let canonical = std::fs::canonicalize(mountpoint).unwrap_or(mountpoint.to_path_buf());
+    if phoenixfs_daemon::fscache::is_fscache_mount(&canonical) {
+        return super::fscache::umount(&canonical);
+    }
     let holder = query_status(&std::fs::canonicalize(mountpoint).unwrap_or(mountpoint.to_path_buf())).ok().map(|s| s.holder_pid);
     match phoenixfs_daemon::unmount(mountpoint)? {
         Unmounted::Detached => {

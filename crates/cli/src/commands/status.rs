@@ -43,6 +43,14 @@ pub fn run(mountpoint: Option<&Path>, json: bool) -> Result<ExitCode> {
         Some(path) => vec![std::fs::canonicalize(path).with_context(|| format!("mountpoint {}", path.display()))?],
         None => phoenixfs_daemon::phoenixfs_mountpoints()?,
     };
+    if let [only] = mountpoints.as_slice() {
+        if phoenixfs_daemon::fscache::is_fscache_mount(only) {
+            return super::fscache::status(Some(only), json);
+        }
+    }
+    if mountpoint.is_none() && !phoenixfs_daemon::fscache::registry::all().is_empty() {
+        super::fscache::status(None, json)?;
+    }
     if mountpoints.is_empty() {
         println!("no phoenixfs mounts");
         return Ok(ExitCode::SUCCESS);

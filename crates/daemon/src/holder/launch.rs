@@ -21,6 +21,9 @@ use crate::os::monotonic_ns;
 pub(crate) enum Role {
     Worker,
     Holder,
+    /// The host's fscache daemon's worker and holder (see `crate::fscache`).
+    FscacheWorker,
+    FscacheHolder,
 }
 
 impl Role {
@@ -28,7 +31,13 @@ impl Role {
         match self {
             Role::Worker => "worker",
             Role::Holder => "holder",
+            Role::FscacheWorker => "fscache-worker",
+            Role::FscacheHolder => "fscache-holder",
         }
+    }
+
+    fn is_holder(self) -> bool {
+        matches!(self, Role::Holder | Role::FscacheHolder)
     }
 }
 
@@ -64,12 +73,12 @@ pub(crate) fn discard(child: &mut Child) {
 /// Starts `binary [-v..] worker|holder` with one end of a new SEQPACKET socket pair as its
 /// fd 3; returns our end. A holder gets a session of its own (it must outlive the worker that
 /// starts it), a worker a process group of its own.
-fn spawn_with_channel(binary: &Path, role: Role, log_level: u8) -> Result<(OwnedFd, Child), MountError> {
+pub(crate) fn spawn_with_channel(binary: &Path, role: Role, log_level: u8) -> Result<(OwnedFd, Child), MountError> {
     let io = |what: String| move |source: io::Error| MountError::Io { what, source };
     let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
         .map_err(|e| io("creating the hand-over socket".into())(e.into()))?;
     let theirs_raw = theirs.as_raw_fd();
-    let detach = role == Role::Holder;
+    let detach = role.is_holder();
     let mut command = Command::new(binary);
     if log_level > 0 {
         command.arg(format!("-{}", "v".repeat(log_level as usize)));

@@ -25,12 +25,13 @@ use nix::unistd::Pid;
 use tracing::{info, warn};
 
 pub use control::request_upgrade;
-pub(crate) use launch::{start_with_handover, Role};
+pub(crate) use launch::{classify, discard, spawn_with_channel, start_with_handover, Role};
+pub(crate) use lifecycle::{Exit, START_TIMEOUT as WORKER_START_TIMEOUT};
 pub(crate) use start::hold;
 pub use start::run_adopting_holder;
 
-use self::launch::{classify, launch};
-use self::lifecycle::{Action, Event, Exit, Lifecycle, START_TIMEOUT};
+use self::launch::launch;
+use self::lifecycle::{Action, Event, Lifecycle, START_TIMEOUT};
 use self::upgrade::Upgrade;
 use crate::error::MountError;
 use crate::handover::{self, Message, SessionFds, State, Takeover};

@@ -1,0 +1,319 @@
+//! The fscache daemon's holder: opens and binds `/dev/cachefiles`, keeps its fd (while any
+//! process holds one, the cache stays bound and the kernel queues requests), answers the
+//! control socket, and starts a worker whenever the serving one dies: at once after a kill,
+//! with a growing delay when workers keep failing by themselves. It never reads a request.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use phoenixfs_cachefiles::Device;
+use tracing::{info, warn};
+
+use super::control::{ControlReply, ControlRequest, DaemonStatus, WorkerStats};
+use super::registry;
+use super::{control_socket_path, worker_stats_path, DaemonState, Takeover, CACHE_TAG, FSCACHE_DIR};
+use crate::error::MountError;
+use crate::handover::{self, History, Message};
+use crate::holder::{classify, discard, spawn_with_channel, Exit, Role, WORKER_START_TIMEOUT};
+use crate::os::{monotonic_ns, set_cloexec};
+
+/// A worker that lived this long before failing was not failing at start-up.
+const HEALTHY_AFTER: Duration = Duration::from_secs(1);
+
+struct Worker {
+    pid: u32,
+    channel: OwnedFd,
+    /// Present when this holder started it (and so must reap it).
+    child: Option<Child>,
+    started: Instant,
+}
+
+struct Holder {
+    device: OwnedFd,
+    state: DaemonState,
+    binary: PathBuf,
+    worker: Option<Worker>,
+    control: UnixListener,
+    /// Workers in a row that failed by themselves soon after starting.
+    failures: u32,
+    /// When to start the next worker, while none serves.
+    next_start: Option<Instant>,
+}
+
+/// `phoenixfs fscache-daemon`: binds the cache and holds it until shut down.
+pub fn run_fscache_daemon(cache_dir: &Path, log_level: u8) -> Result<(), MountError> {
+    let io = |what: String| move |source: std::io::Error| MountError::Io { what, source };
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(FSCACHE_DIR).map_err(io(format!("creating {FSCACHE_DIR}")))?;
+    std::fs::create_dir_all(cache_dir).map_err(io(format!("creating {}", cache_dir.display())))?;
+    let device = Device::open(Path::new("/dev/cachefiles"))?;
+    device.bind_ondemand(cache_dir, CACHE_TAG)?;
+    let state = DaemonState { cache_dir: cache_dir.to_path_buf(), holder_pid: std::process::id(), takeover: Takeover::AfterStart, restarts: 0, upgrades: 0, log_level };
+    let binary = std::env::current_exe().map_err(io("finding this binary".into()))?;
+    let device = OwnedFd::from(device);
+    // The first worker must start (it checks `restore`); the socket appears only then, so a
+    // client that finds it finds a daemon that can serve.
+    let worker = launch(&binary, &state, device.as_fd())?;
+    match handover::receive_message(worker.channel.as_fd()) {
+        Ok(Some(Message::Ready { .. })) => {}
+        Ok(Some(Message::Failed(why))) => return Err(MountError::Refused(why)),
+        other => return Err(MountError::Refused(format!("the first fscache worker did not start: {other:?}"))),
+    }
+    let control = bind_control()?;
+    info!(cache_dir = %cache_dir.display(), "fscache daemon bound the cache");
+    Holder { device, state, binary, worker: Some(worker), control, failures: 0, next_start: None }.run()
+}
+
+/// The hidden `fscache-holder` subcommand: started by a worker whose holder died; takes the
+/// device fd and the state from it (fd 3) and holds from then on.
+pub fn run_adopting_fscache_holder() -> Result<(), MountError> {
+    // SAFETY: the worker started this process with the hand-over socket as fd 3, and nothing
+    // else in this process owns fd 3.
+    let channel = unsafe { OwnedFd::from_raw_fd(3) };
+    set_cloexec(channel.as_fd());
+    let adopted = (|| {
+        let (state, mut fds) = handover::receive_with_fds::<DaemonState>(channel.as_fd())?;
+        let mut state = state?;
+        let worker_pid = handover::check_peer(channel.as_fd(), 0)?;
+        let device = fds.pop().ok_or(handover::HandoverError::Fds(0))?;
+        state.holder_pid = std::process::id();
+        let binary = std::env::current_exe().map_err(|source| MountError::Io { what: "finding this binary".into(), source })?;
+        let control = bind_control()?;
+        Ok::<_, MountError>((state, device, binary, control, worker_pid))
+    })();
+    let (state, device, binary, control, worker_pid) = match adopted {
+        Ok(adopted) => adopted,
+        Err(e) => {
+            let _ = handover::send_message(channel.as_fd(), &Message::Failed(e.to_string()));
+            return Err(e);
+        }
+    };
+    let _ = handover::send_message(channel.as_fd(), &Message::Ready { pid: std::process::id() });
+    warn!(worker = worker_pid, "the previous fscache holder died; this one holds the cache now");
+    let worker = Worker { pid: worker_pid, channel, child: None, started: Instant::now() };
+    Holder { device, state, binary, worker: Some(worker), control, failures: 0, next_start: None }.run()
+}
+
+fn bind_control() -> Result<UnixListener, MountError> {
+    let path = control_socket_path();
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).map_err(|source| MountError::Io { what: format!("binding {}", path.display()), source })?;
+    set_cloexec(listener.as_fd());
+    Ok(listener)
+}
+
+/// Starts `binary fscache-worker` and hands it the state and the device fd.
+fn launch(binary: &Path, state: &DaemonState, device: BorrowedFd<'_>) -> Result<Worker, MountError> {
+    let (channel, mut child) = spawn_with_channel(binary, Role::FscacheWorker, state.log_level)?;
+    if let Err(e) = handover::send_with_fds(channel.as_fd(), state, &[device.as_raw_fd()]) {
+        discard(&mut child);
+        return Err(e.into());
+    }
+    Ok(Worker { pid: child.id(), channel, child: Some(child), started: Instant::now() })
+}
+
+/// Waits up to `timeout` for a message from a worker; `None` if none came or it died.
+fn await_message(channel: BorrowedFd<'_>, timeout: Duration) -> Option<Message> {
+    let mut fds = [PollFd::new(channel, PollFlags::POLLIN)];
+    let timeout = PollTimeout::try_from(timeout.as_millis() as i32).unwrap_or(PollTimeout::NONE);
+    match poll(&mut fds, timeout) {
+        Ok(n) if n > 0 => handover::receive_message(channel).ok().flatten(),
+        _ => None,
+    }
+}
+
+impl Holder {
+    fn run(mut self) -> Result<(), MountError> {
+        loop {
+            if self.worker.is_none() && self.next_start.is_none_or(|at| Instant::now() >= at) {
+                self.start_worker();
+            }
+            let (worker_ready, control_ready) = self.wait()?;
+            if worker_ready {
+                self.on_worker_event();
+            }
+            if control_ready && self.answer_control() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn start_worker(&mut self) {
+        self.next_start = None;
+        match launch(&self.binary, &self.state, self.device.as_fd()) {
+            Ok(worker) => self.worker = Some(worker),
+            Err(error) => {
+                warn!(%error, "cannot start an fscache worker");
+                self.failed_by_itself();
+            }
+        }
+    }
+
+    /// Polls the control socket and the worker's channel until one speaks or the next start
+    /// is due.
+    fn wait(&self) -> Result<(bool, bool), MountError> {
+        let mut fds = vec![PollFd::new(self.control.as_fd(), PollFlags::POLLIN)];
+        fds.extend(self.worker.as_ref().map(|w| PollFd::new(w.channel.as_fd(), PollFlags::POLLIN)));
+        let timeout = match self.next_start {
+            Some(at) => PollTimeout::try_from(at.saturating_duration_since(Instant::now()).as_millis() as i32 + 1).unwrap_or(PollTimeout::NONE),
+            None => PollTimeout::NONE,
+        };
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(MountError::Io { what: "waiting on the fscache worker".into(), source: e.into() }),
+        }
+        let ready: Vec<bool> = fds.iter().map(|fd| fd.revents().is_some_and(|r| !r.is_empty())).collect();
+        Ok((ready.get(1).copied().unwrap_or(false), ready[0]))
+    }
+
+    fn on_worker_event(&mut self) {
+        let Some(worker) = self.worker.as_mut() else { return };
+        match handover::receive_message(worker.channel.as_fd()) {
+            Ok(Some(Message::Failed(why))) => warn!(pid = worker.pid, why, "the fscache worker could not start"),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => {
+                let mut worker = self.worker.take().expect("checked above");
+                let exit = worker.child.as_mut().map_or(Exit::Unknown, |child| child.wait().map_or(Exit::Unknown, classify));
+                self.state.restarts += 1;
+                self.state.takeover = Takeover::AfterStart;
+                warn!(pid = worker.pid, how = ?exit, restarts = self.state.restarts, "the fscache worker died");
+                match exit {
+                    Exit::Failed(_) if worker.started.elapsed() < HEALTHY_AFTER => self.failed_by_itself(),
+                    _ => self.failures = 0,
+                }
+            }
+        }
+    }
+
+    /// Two free retries, then 20 ms doubling up to 5 s: a broken binary must not spin.
+    fn failed_by_itself(&mut self) {
+        self.failures += 1;
+        let delay = match self.failures {
+            0..=2 => Duration::ZERO,
+            n => (Duration::from_millis(20) * 2u32.saturating_pow(n - 3)).min(Duration::from_secs(5)),
+        };
+        self.next_start = Some(Instant::now() + delay);
+    }
+
+    /// Answers one control request. True when the daemon is to exit.
+    fn answer_control(&mut self) -> bool {
+        let Ok((stream, _)) = self.control.accept() else { return false };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let request = match handover::check_peer(stream.as_fd(), 0) {
+            Err(e) => Err(e.to_string()),
+            Ok(_) => {
+                let mut line = String::new();
+                let _ = BufReader::new(&stream).read_line(&mut line);
+                serde_json::from_str::<ControlRequest>(&line).map_err(|e| format!("bad request: {e}"))
+            }
+        };
+        let mut shutdown = false;
+        let reply = match request {
+            Err(why) => ControlReply::Refused(why),
+            Ok(ControlRequest::Register(registration)) => match registry::save(&registration) {
+                Ok(()) => ControlReply::Done,
+                Err(e) => ControlReply::Refused(format!("recording the image: {e}")),
+            },
+            Ok(ControlRequest::Unregister { mountpoint }) => match registry::remove(&mountpoint) {
+                Ok(_) => ControlReply::Done,
+                Err(e) => ControlReply::Refused(format!("forgetting the image: {e}")),
+            },
+            Ok(ControlRequest::Status) => ControlReply::Status(self.status()),
+            Ok(ControlRequest::Upgrade { binary }) => match self.upgrade(binary) {
+                Ok(pid) => ControlReply::Upgraded { pid },
+                Err(why) => ControlReply::Refused(why),
+            },
+            Ok(ControlRequest::Shutdown) => {
+                let images = registry::all();
+                if images.is_empty() {
+                    shutdown = true;
+                    ControlReply::Done
+                } else {
+                    ControlReply::Refused(format!("{} image(s) are still mounted through the daemon (first: {})", images.len(), images[0].mountpoint.display()))
+                }
+            }
+        };
+        reply_to(&stream, &reply);
+        if shutdown {
+            self.retire_worker();
+            info!("fscache daemon shut down; the cache is unbound");
+        }
+        shutdown
+    }
+
+    fn status(&self) -> DaemonStatus {
+        let worker: Option<WorkerStats> = std::fs::read(worker_stats_path()).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        DaemonStatus {
+            holder_pid: std::process::id(),
+            worker_pid: self.worker.as_ref().map(|w| w.pid),
+            restarts: self.state.restarts,
+            upgrades: self.state.upgrades,
+            cache_dir: self.state.cache_dir.clone(),
+            images: registry::all(),
+            worker,
+        }
+    }
+
+    /// Starts a worker from `binary`, prepared but not reading; then retires the serving one
+    /// (it finishes what it read and exits), and lets the new one `restore` and serve: what
+    /// the old one never read is still queued in the kernel, objects it had open are re-opened.
+    fn upgrade(&mut self, binary: PathBuf) -> Result<u32, String> {
+        if self.worker.is_none() {
+            return Err("no fscache worker serves right now (one is starting); try again".into());
+        }
+        let state = DaemonState { takeover: Takeover::Upgrade, ..self.state.clone() };
+        let mut new = launch(&binary, &state, self.device.as_fd()).map_err(|e| e.to_string())?;
+        match await_message(new.channel.as_fd(), WORKER_START_TIMEOUT) {
+            Some(Message::Ready { .. }) => {}
+            other => {
+                if let Some(child) = new.child.as_mut() {
+                    discard(child);
+                }
+                return Err(format!("the new worker did not start, the old one serves on: {other:?}"));
+            }
+        }
+        self.retire_worker();
+        let go = Message::Go { died_at_ns: monotonic_ns(), history: History { restarts: self.state.restarts, upgrades: self.state.upgrades + 1, stalls_us: Vec::new(), takeovers_measured: 0 } };
+        if let Err(e) = handover::send_message(new.channel.as_fd(), &go) {
+            warn!(error = %e, "the upgraded worker died before it served");
+        }
+        self.state.upgrades += 1;
+        self.binary = binary;
+        let pid = new.pid;
+        new.started = Instant::now();
+        self.worker = Some(new);
+        info!(pid, binary = %self.binary.display(), "fscache worker upgraded");
+        Ok(pid)
+    }
+
+    /// Tells the serving worker to finish and exit, and waits for it (killing it after the
+    /// start timeout: what it held is then delivered again by `restore`).
+    fn retire_worker(&mut self) {
+        let Some(mut old) = self.worker.take() else { return };
+        let _ = handover::send_message(old.channel.as_fd(), &Message::Retire);
+        let deadline = Instant::now() + WORKER_START_TIMEOUT;
+        while Instant::now() < deadline {
+            match await_message(old.channel.as_fd(), deadline.saturating_duration_since(Instant::now())) {
+                Some(Message::Retired) | None => break,
+                Some(_) => {}
+            }
+        }
+        match old.child.as_mut() {
+            Some(child) => discard(child),
+            None => {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(old.pid as i32), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+fn reply_to(client: &UnixStream, reply: &ControlReply) {
+    let mut body = serde_json::to_vec(reply).expect("reply serialises");
+    body.push(b'\n');
+    let _ = (&*client).write_all(&body);
+}

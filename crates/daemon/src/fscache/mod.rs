@@ -1,0 +1,71 @@
+//! The host's fscache daemon: serves phoenixfs images to the kernel's own EROFS through
+//! cachefiles on-demand mode. After the first fetch the kernel reads from its cache files and
+//! page cache at its own speed; the daemon only fills what was never fetched.
+//!
+//! One per host (`/dev/cachefiles` admits one open), built like a FUSE mount's daemon: a
+//! holder ([`holder`]) opens and binds the device, keeps its fd and the control socket
+//! ([`control`], through which `mount --fscache` registers images), and restarts the worker
+//! ([`worker`]) when it dies; a new worker writes `restore`, so the kernel delivers again what
+//! the dead one had read, and re-opens the objects whose anonymous fds died with it. A worker
+//! whose holder died starts a new holder. The images served are files in [`REGISTRY_DIR`]
+//! ([`registry`]), so a new process rebuilds everything from them and the kernel's messages;
+//! [`serve`] answers OPEN, READ and CLOSE.
+
+pub mod control;
+mod holder;
+mod mount;
+pub mod registry;
+mod serve;
+mod worker;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use control::{request, ControlReply, ControlRequest, DaemonStatus, WorkerStats};
+pub use holder::{run_adopting_fscache_holder, run_fscache_daemon};
+pub use mount::{fscache_status, is_fscache_mount, mount_fscache, unmount_fscache, upgrade_fscache, FscacheMount};
+pub use registry::Registration;
+pub use worker::run_fscache_worker;
+
+/// The daemon's files: control socket, log, registry, the worker's figures.
+pub const FSCACHE_DIR: &str = "/run/phoenixfs/fscache";
+/// One file per registered image (per mountpoint).
+pub const REGISTRY_DIR: &str = "/run/phoenixfs/fscache/images";
+/// The tag cachefiles gives this daemon's cache (culling is per tag).
+pub const CACHE_TAG: &str = "phoenixfs";
+
+pub fn control_socket_path() -> PathBuf {
+    Path::new(FSCACHE_DIR).join("control.sock")
+}
+
+pub fn log_path() -> PathBuf {
+    Path::new(FSCACHE_DIR).join("daemon.log")
+}
+
+fn worker_stats_path() -> PathBuf {
+    Path::new(FSCACHE_DIR).join("worker.json")
+}
+
+/// What the daemon's holder hands each worker (and a worker a new holder), besides the
+/// `/dev/cachefiles` fd.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DaemonState {
+    /// The cachefiles cache directory the device is bound to.
+    pub cache_dir: PathBuf,
+    pub holder_pid: u32,
+    pub takeover: Takeover,
+    /// Workers started after a predecessor died.
+    pub restarts: u64,
+    pub upgrades: u64,
+    pub log_level: u8,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Takeover {
+    /// The daemon's first worker, or one replacing a dead one: `restore`, then serve.
+    AfterStart,
+    /// Replacing a live worker: prepare, wait for `Go` (sent once the old one has finished
+    /// and exited), then `restore` and serve.
+    Upgrade,
+}
