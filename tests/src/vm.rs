@@ -340,3 +340,27 @@ fn gzip(data: &[u8], scratch_dir: &Path) -> Vec<u8> {
     std::fs::remove_file(&input).expect("removing gzip's input");
     output.stdout
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exit_status_is_read_after_the_last_marker_even_mid_line() {
+        assert_eq!(exit_code("PHOENIXFS-VM-EXIT 0\nreboot: Restarting system\n"), Some(0));
+        assert_eq!(exit_code("[    3.1] erofs: mountedPHOENIXFS-VM-EXIT 127\n"), Some(127));
+        assert_eq!(exit_code("PHOENIXFS-VM-EXIT 1\nPHOENIXFS-VM-EXIT 3\n"), Some(3));
+        assert_eq!(exit_code("echo hanging\n"), None);
+    }
+
+    #[test]
+    fn cpio_members_are_padded_to_four_bytes_and_end_with_the_trailer() {
+        let archive = cpio(&[CpioEntry::file("init", 0o755, b"abcde")]);
+        // 110-byte header + "init\0" = 115, padded to 116; 5 data bytes padded to 8.
+        assert_eq!(&archive[..6], b"070701");
+        assert_eq!(&archive[116..124], b"abcde\0\0\0");
+        assert_eq!(&archive[124..130], b"070701");
+        assert!(archive.ends_with(b"TRAILER!!!\0\0\0\0"));
+        assert_eq!(archive.len() % 4, 0);
+    }
+}
