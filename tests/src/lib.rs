@@ -12,6 +12,7 @@ pub mod mount;
 pub mod probe;
 pub mod snapshot;
 pub mod trees;
+pub mod vm;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
