@@ -49,8 +49,8 @@ fn print(status: &DaemonStatus) {
     println!("daemon       holder pid {}, worker pid {worker} ({} restarts, {} upgrades)", status.holder_pid, status.restarts, status.upgrades);
     if let Some(w) = &status.worker {
         println!(
-            "served       {} opens ({} refused), {} objects open, {} reads, {} bytes written, {} fetch retries, {} errors",
-            w.opens, w.opens_refused, w.objects_open, w.reads, w.bytes_written, w.fetch_retries, w.errors
+            "served       {} opens ({} refused), {} objects open, {} reads, {} bytes written, {} fetch retries, {} cache-full retries, {} errors",
+            w.opens, w.opens_refused, w.objects_open, w.reads, w.bytes_written, w.fetch_retries, w.fill_retries, w.errors
         );
     }
 }

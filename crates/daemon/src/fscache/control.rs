@@ -58,6 +58,8 @@ pub struct WorkerStats {
     pub bytes_written: u64,
     /// Chunk fetches that failed and were tried again.
     pub fetch_retries: u64,
+    /// Writes to a full cache directory that were tried again.
+    pub fill_retries: u64,
     /// Requests that could not be answered (a READ of an object this worker never opened, a
     /// cache file that refused a write).
     pub errors: u64,

@@ -7,11 +7,11 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use phoenixfs_cache::ChunkCache;
-use phoenixfs_cachefiles::{page_span, AlignedPages, Device, Message, Object, Request};
+use phoenixfs_cachefiles::{page_span, AlignedPages, Device, DeviceError, Message, Object, Request};
 use phoenixfs_format::ImageFile;
 use phoenixfs_store::{load_image, ChunkStore, LocalStore};
 use tracing::{debug, info, warn};
@@ -21,6 +21,9 @@ use super::registry::{self, Registration};
 
 /// Chunks this worker keeps in memory; the kernel's page cache and cache files do the rest.
 const MEMORY_CACHE: u64 = 64 << 20;
+
+/// How long a write to a full cache directory is tried again before the READ fails.
+const CACHE_FULL_PATIENCE: Duration = Duration::from_secs(30);
 
 /// One registered image, opened.
 struct Served {
@@ -116,6 +119,7 @@ struct Counters {
     reads: AtomicU64,
     bytes_written: AtomicU64,
     fetch_retries: AtomicU64,
+    fill_retries: AtomicU64,
     errors: AtomicU64,
 }
 
@@ -153,6 +157,7 @@ impl Server {
             reads: get(&c.reads),
             bytes_written: get(&c.bytes_written),
             fetch_retries: get(&c.fetch_retries),
+            fill_retries: get(&c.fill_retries),
             errors: get(&c.errors),
         }
     }
@@ -213,12 +218,31 @@ impl Server {
         let (start, span) = page_span(offset, len);
         let mut pages = AlignedPages::zeroed(span as usize);
         self.fill(&open.content, start, pages.as_mut_slice());
-        let done = open.object.fill(start, &pages).and_then(|()| open.object.complete(msg_id));
+        let done = self.write_pages(&open.object, start, &pages).and_then(|()| open.object.complete(msg_id));
         match done {
             Ok(()) => count(&self.counters.bytes_written, span),
             Err(error) => {
                 count(&self.counters.errors, 1);
                 warn!(%error, object_id, offset, len, "answering a READ");
+            }
+        }
+    }
+
+    /// Writes the pages to the cache file. A full cache directory (ENOBUFS, ENOSPC) may drain
+    /// (an unmount frees its objects), so it is tried again for a while; after that the READ
+    /// fails rather than hang its reader for good.
+    fn write_pages(&self, object: &Object, start: u64, pages: &AlignedPages) -> Result<(), DeviceError> {
+        let give_up = Instant::now() + CACHE_FULL_PATIENCE;
+        let mut delay = Duration::from_millis(20);
+        loop {
+            match object.fill(start, pages) {
+                Err(DeviceError::Fill { errno: Errno::ENOBUFS | Errno::ENOSPC, .. }) if Instant::now() < give_up => {
+                    count(&self.counters.fill_retries, 1);
+                    warn!(object_id = object.object_id, retry_in_ms = delay.as_millis() as u64, "the cache directory is full; trying the write again");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                other => return other,
             }
         }
     }
