@@ -51,6 +51,7 @@ pub fn dataset_named(name: &str) -> Dataset {
     match name {
         "gib" => gib_dataset(),
         "big" => big_dataset(),
+        "vm" => vm_dataset(),
         path if path.starts_with('/') => tree_dataset(Path::new(path)),
         other => panic!("no dataset {other:?}: gib, big, or an absolute path"),
     }
@@ -68,6 +69,23 @@ pub fn gib_dataset() -> Dataset {
         }
         for i in 0..3000u64 {
             write_file(&src.join(format!("small/d{:02}/f{i}", i % 30)), &noise(1000 + i, 100 + (i as usize * 7919) % 40_000));
+        }
+    })
+}
+
+/// About 200 MiB for runs inside the cachefiles VM (emulated, so ten times slower than this
+/// machine): two 64 MiB files, 40 medium, 600 small ones. Built once, kept under the test
+/// fixtures (the guest sees them read-only).
+pub fn vm_dataset() -> Dataset {
+    cached_dataset("chaos-vm-v1", |src| {
+        for i in 0..2u64 {
+            write_file(&src.join(format!("large/part{i}.bin")), &noise(20 + i, 64 << 20));
+        }
+        for i in 0..40u64 {
+            write_file(&src.join(format!("medium/m{i}.bin")), &noise(200 + i, (1 << 20) + (i as usize * 77_777)));
+        }
+        for i in 0..600u64 {
+            write_file(&src.join(format!("small/d{:02}/f{i}", i % 12)), &noise(2000 + i, 100 + (i as usize * 7919) % 40_000));
         }
     })
 }
@@ -151,10 +169,10 @@ fn small_size(rng: &mut XorShift) -> usize {
 }
 
 /// Deterministic pseudo-random numbers for shaping trees and timing events.
-struct XorShift(u64);
+pub(crate) struct XorShift(pub(crate) u64);
 
 impl XorShift {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -570,30 +588,7 @@ pub fn run(dataset: &Dataset, reader_bin: &Path, plan: &Plan, cache: &Path) -> R
     let stop = dataset.root.join(format!("stop-{}", std::process::id()));
     let _ = fs::remove_file(&stop);
     let started = Instant::now();
-    let mut readers = Readers((0..plan.readers)
-        .map(|i| {
-            let kind = match i {
-                1 => ReaderKind::Mmap,
-                2 => ReaderKind::Walk,
-                _ => ReaderKind::Read,
-            };
-            Command::new(reader_bin)
-                .arg("read")
-                .arg("--mount")
-                .arg(mount.path())
-                .arg("--manifest")
-                .arg(&dataset.manifest)
-                .arg("--kind")
-                .arg(kind.name())
-                .arg("--stop")
-                .arg(&stop)
-                .arg("--start")
-                .arg((i * dataset.files / plan.readers).to_string())
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap_or_else(|e| panic!("starting reader {}: {e}", reader_bin.display()))
-        })
-        .collect());
+    let mut readers = spawn_readers(dataset, reader_bin, mount.path(), plan.readers, &stop);
 
     let mut report = Report::default();
     let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
@@ -624,7 +619,52 @@ pub fn run(dataset: &Dataset, reader_bin: &Path, plan: &Plan, cache: &Path) -> R
         event += 1;
     }
     count_resent_after_upgrade(&current_status(&mount), &mut upgraded, &mut report);
-    fs::write(&stop, "").expect("stop file");
+    finish_readers(&mut readers, &stop, &mut report);
+    report.elapsed = started.elapsed();
+    let status = current_status(&mount);
+    holders.insert(pid_of(&status, "holder_pid"));
+    report.holder_deaths_unasked = holders.len().saturating_sub(report.holder_kills + 1);
+    report.daemon_errors = status["errors"].as_u64().unwrap_or(0);
+    assert_eq!(status["worker_restarts"].as_u64(), Some(report.worker_kills as u64), "every worker kill is one restart");
+    assert_eq!(status["upgrades"].as_u64(), Some(report.upgrades as u64), "every upgrade counted");
+    report
+}
+
+/// Starts `count` reader processes (`reader_bin read`) over the dataset mounted at `mount`:
+/// one mmap, one walker, the rest read(2), each from its own place in the manifest, until
+/// `stop` exists.
+pub(crate) fn spawn_readers(dataset: &Dataset, reader_bin: &Path, mount: &Path, count: usize, stop: &Path) -> Readers {
+    Readers(
+        (0..count)
+            .map(|i| {
+                let kind = match i {
+                    1 => ReaderKind::Mmap,
+                    2 => ReaderKind::Walk,
+                    _ => ReaderKind::Read,
+                };
+                Command::new(reader_bin)
+                    .arg("read")
+                    .arg("--mount")
+                    .arg(mount)
+                    .arg("--manifest")
+                    .arg(&dataset.manifest)
+                    .arg("--kind")
+                    .arg(kind.name())
+                    .arg("--stop")
+                    .arg(stop)
+                    .arg("--start")
+                    .arg((i * dataset.files / count).to_string())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("starting reader {}: {e}", reader_bin.display()))
+            })
+            .collect(),
+    )
+}
+
+/// Tells the readers to stop after their current pass and adds up what they verified.
+pub(crate) fn finish_readers(readers: &mut Readers, stop: &Path, report: &mut Report) {
+    fs::write(stop, "").expect("stop file");
     for (i, reader) in std::mem::take(&mut readers.0).into_iter().enumerate() {
         let out = reader.wait_with_output().expect("waiting for a reader");
         let tally: Option<Value> = serde_json::from_slice(&out.stdout).ok();
@@ -642,20 +682,12 @@ pub fn run(dataset: &Dataset, reader_bin: &Path, plan: &Plan, cache: &Path) -> R
             }
         }
     }
-    report.elapsed = started.elapsed();
-    let _ = fs::remove_file(&stop);
-    let status = current_status(&mount);
-    holders.insert(pid_of(&status, "holder_pid"));
-    report.holder_deaths_unasked = holders.len().saturating_sub(report.holder_kills + 1);
-    report.daemon_errors = status["errors"].as_u64().unwrap_or(0);
-    assert_eq!(status["worker_restarts"].as_u64(), Some(report.worker_kills as u64), "every worker kill is one restart");
-    assert_eq!(status["upgrades"].as_u64(), Some(report.upgrades as u64), "every upgrade counted");
-    report
+    let _ = fs::remove_file(stop);
 }
 
 /// The reader processes; killed if the run ends early (a failed assertion), so that none
 /// outlives its test.
-struct Readers(Vec<Child>);
+pub(crate) struct Readers(Vec<Child>);
 
 impl Drop for Readers {
     fn drop(&mut self) {

@@ -7,6 +7,7 @@
 pub use phoenixfs_daemon::process_alive;
 
 pub mod chaos;
+pub mod fscache;
 pub mod kernel;
 pub mod mount;
 pub mod probe;

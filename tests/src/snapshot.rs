@@ -62,6 +62,11 @@ fn assign_link_groups<K: std::hash::Hash + Eq>(snapshot: &mut Snapshot, keys: Ve
     }
 }
 
+/// The snapshot as text, one entry a line: trees seen on two machines compare with `diff`.
+pub fn snapshot_lines(snapshot: &Snapshot) -> String {
+    snapshot.iter().map(|(path, entry)| format!("{path:?}\t{entry:?}\n")).collect()
+}
+
 /// Snapshot through the file system (no symlinks followed).
 pub fn snapshot_dir(root: &Path) -> Snapshot {
     let mut snapshot = Snapshot::new();

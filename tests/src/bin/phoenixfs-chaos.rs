@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use phoenixfs_tests::chaos::{self, Plan, ReaderKind, Victim};
-use phoenixfs_tests::probe;
+use phoenixfs_tests::{fscache, probe, snapshot};
 
 #[derive(Parser)]
 struct Cli {
@@ -63,6 +63,36 @@ enum Command {
         #[arg(long, default_value = "gib")]
         dataset: String,
     },
+    /// Inside the cachefiles VM: mount a dataset (built beforehand) with `mount --fscache` and
+    /// an empty cache, kill or upgrade while readers check, print the report line.
+    FscacheRun {
+        #[arg(long, default_value = "vm")]
+        dataset: String,
+        #[arg(long, value_parser = |s: &str| Victim::parse(s).ok_or("nobody, worker, holder, alternate, upgrade or mixed"))]
+        victim: Victim,
+        #[arg(long, default_value_t = 50)]
+        events: usize,
+        #[arg(long, default_value_t = 10)]
+        min_ms: u64,
+        #[arg(long, default_value_t = 500)]
+        max_ms: u64,
+        #[arg(long, default_value_t = 4)]
+        readers: usize,
+        /// Where the kernel keeps its cache files (a disk, not tmpfs).
+        #[arg(long)]
+        fscache_dir: PathBuf,
+        /// A writable directory for the mountpoint, the chunk cache and the readers' stop file.
+        #[arg(long)]
+        work: PathBuf,
+    },
+    /// Write everything observable about a tree, one entry a line, to OUT (trees on two
+    /// machines compare as text).
+    Snapshot {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// One reader process (started by `run`).
     Read {
         #[arg(long)]
@@ -100,6 +130,20 @@ fn main() -> ExitCode {
                 let lines: String = probes.iter().map(|p| format!("{:.3} {} {:.3} {}\n", p.lookup_ms, show(p.start_ms), p.stall_ms, show(p.reported_start_ms))).collect();
                 std::fs::write(&path, lines).expect("writing the probes");
             }
+            ExitCode::SUCCESS
+        }
+        Command::FscacheRun { dataset, victim, events, min_ms, max_ms, readers, fscache_dir, work } => {
+            let dataset = chaos::dataset_named(&dataset);
+            let plan = Plan { victim, events, min_duration: Duration::ZERO, interval_ms: (min_ms, max_ms.max(min_ms)), readers };
+            let me = std::env::current_exe().expect("this binary");
+            let (mountpoint, chunk_cache, stop) = (work.join("mnt"), work.join("chunks"), work.join("stop"));
+            let paths = fscache::GuestPaths { mountpoint: &mountpoint, chunk_cache: &chunk_cache, fscache_dir: &fscache_dir, stop: &stop };
+            let report = fscache::run(&dataset, &me, &plan, &paths);
+            println!("{}", fscache::report_line(&report));
+            ExitCode::SUCCESS
+        }
+        Command::Snapshot { dir, out } => {
+            std::fs::write(&out, snapshot::snapshot_lines(&snapshot::snapshot_dir(&dir))).expect("writing the snapshot");
             ExitCode::SUCCESS
         }
         Command::Dataset { dataset } => {

@@ -35,7 +35,7 @@ pub enum ControlReply {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DaemonStatus {
     pub holder_pid: u32,
-    /// The serving worker, if one serves now.
+    /// The worker that serves, unless one is starting.
     pub worker_pid: Option<u32>,
     /// Workers started after a predecessor died.
     pub restarts: u64,

@@ -12,7 +12,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use phoenixfs_cachefiles::Device;
+use phoenixfs_cachefiles::{Device, DeviceError};
 use tracing::{info, warn};
 
 use super::control::{ControlReply, ControlRequest, DaemonStatus, WorkerStats};
@@ -32,6 +32,8 @@ struct Worker {
     /// Present when this holder started it (and so must reap it).
     child: Option<Child>,
     started: Instant,
+    /// It said it serves.
+    serving: bool,
 }
 
 struct Holder {
@@ -51,16 +53,16 @@ pub fn run_fscache_daemon(cache_dir: &Path, log_level: u8) -> Result<(), MountEr
     let io = |what: String| move |source: std::io::Error| MountError::Io { what, source };
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(FSCACHE_DIR).map_err(io(format!("creating {FSCACHE_DIR}")))?;
     std::fs::create_dir_all(cache_dir).map_err(io(format!("creating {}", cache_dir.display())))?;
-    let device = Device::open(Path::new("/dev/cachefiles"))?;
+    let device = open_device()?;
     device.bind_ondemand(cache_dir, CACHE_TAG)?;
     let state = DaemonState { cache_dir: cache_dir.to_path_buf(), holder_pid: std::process::id(), takeover: Takeover::AfterStart, restarts: 0, upgrades: 0, log_level };
     let binary = std::env::current_exe().map_err(io("finding this binary".into()))?;
     let device = OwnedFd::from(device);
     // The first worker must start (it checks `restore`); the socket appears only then, so a
     // client that finds it finds a daemon that can serve.
-    let worker = launch(&binary, &state, device.as_fd())?;
+    let mut worker = launch(&binary, &state, device.as_fd())?;
     match handover::receive_message(worker.channel.as_fd()) {
-        Ok(Some(Message::Ready { .. })) => {}
+        Ok(Some(Message::Ready { .. })) => worker.serving = true,
         Ok(Some(Message::Failed(why))) => return Err(MountError::Refused(why)),
         other => return Err(MountError::Refused(format!("the first fscache worker did not start: {other:?}"))),
     }
@@ -95,8 +97,19 @@ pub fn run_adopting_fscache_holder() -> Result<(), MountError> {
     };
     let _ = handover::send_message(channel.as_fd(), &Message::Ready { pid: std::process::id() });
     warn!(worker = worker_pid, "the previous fscache holder died; this one holds the cache now");
-    let worker = Worker { pid: worker_pid, channel, child: None, started: Instant::now() };
+    let worker = Worker { pid: worker_pid, channel, child: None, started: Instant::now(), serving: true };
     Holder { device, state, binary, worker: Some(worker), control, failures: 0, next_start: None }.run()
+}
+
+/// Opens `/dev/cachefiles`, waiting a little while a daemon that is shutting down lets go.
+fn open_device() -> Result<Device, MountError> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match Device::open(Path::new("/dev/cachefiles")) {
+            Err(DeviceError::Busy) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            other => return Ok(other?),
+        }
+    }
 }
 
 fn bind_control() -> Result<UnixListener, MountError> {
@@ -114,7 +127,7 @@ fn launch(binary: &Path, state: &DaemonState, device: BorrowedFd<'_>) -> Result<
         discard(&mut child);
         return Err(e.into());
     }
-    Ok(Worker { pid: child.id(), channel, child: Some(child), started: Instant::now() })
+    Ok(Worker { pid: child.id(), channel, child: Some(child), started: Instant::now(), serving: false })
 }
 
 /// Waits up to `timeout` for a message from a worker; `None` if none came or it died.
@@ -175,6 +188,7 @@ impl Holder {
         let Some(worker) = self.worker.as_mut() else { return };
         match handover::receive_message(worker.channel.as_fd()) {
             Ok(Some(Message::Failed(why))) => warn!(pid = worker.pid, why, "the fscache worker could not start"),
+            Ok(Some(Message::Ready { .. })) => worker.serving = true,
             Ok(Some(_)) => {}
             Ok(None) | Err(_) => {
                 let mut worker = self.worker.take().expect("checked above");
@@ -238,11 +252,13 @@ impl Holder {
                 }
             }
         };
-        reply_to(&stream, &reply);
         if shutdown {
+            // Gone from the socket first, so that the next mount starts a new daemon.
+            let _ = std::fs::remove_file(control_socket_path());
             self.retire_worker();
             info!("fscache daemon shut down; the cache is unbound");
         }
+        reply_to(&stream, &reply);
         shutdown
     }
 
@@ -250,7 +266,7 @@ impl Holder {
         let worker: Option<WorkerStats> = std::fs::read(worker_stats_path()).ok().and_then(|b| serde_json::from_slice(&b).ok());
         DaemonStatus {
             holder_pid: std::process::id(),
-            worker_pid: self.worker.as_ref().map(|w| w.pid),
+            worker_pid: self.worker.as_ref().filter(|w| w.serving).map(|w| w.pid),
             restarts: self.state.restarts,
             upgrades: self.state.upgrades,
             cache_dir: self.state.cache_dir.clone(),
@@ -286,6 +302,7 @@ impl Holder {
         self.binary = binary;
         let pid = new.pid;
         new.started = Instant::now();
+        new.serving = true;
         self.worker = Some(new);
         info!(pid, binary = %self.binary.display(), "fscache worker upgraded");
         Ok(pid)

@@ -1,0 +1,162 @@
+//! The fscache front-end under chaos, run inside the cachefiles VM (see [`crate::vm`]) by
+//! `phoenixfs-chaos fscache-run`: mounts a dataset with `mount --fscache` and an empty cache,
+//! and kills the daemon's worker or holder, or upgrades it, while reader processes check
+//! every byte. Reports as one line the host-side test reads back from the console.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+use crate::chaos::{finish_readers, percentile, spawn_readers, Dataset, Plan, Report, Victim, XorShift};
+use crate::{phoenixfs, run_ok};
+
+/// The line prefix of the report on the console.
+pub const REPORT_PREFIX: &str = "FSCACHE-REPORT ";
+
+/// Where things go inside the guest (all on its tmpfs, but the cache files, which must be on
+/// a disk cachefiles accepts).
+pub struct GuestPaths<'a> {
+    pub mountpoint: &'a Path,
+    pub chunk_cache: &'a Path,
+    pub fscache_dir: &'a Path,
+    pub stop: &'a Path,
+}
+
+fn status(mountpoint: &Path) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = phoenixfs().arg("status").arg(mountpoint).arg("--json").output().expect("running status");
+        if out.status.success() {
+            if let Ok(status) = serde_json::from_slice::<Value>(&out.stdout) {
+                return status;
+            }
+        }
+        assert!(Instant::now() < deadline, "the fscache daemon did not answer status for 60 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn pid(status: &Value, field: &str) -> Option<i32> {
+    status[field].as_u64().map(|pid| pid as i32)
+}
+
+/// Waits until status shows `field` set and different from `before`; how long that took (ms).
+fn await_replacement(mountpoint: &Path, field: &str, before: i32) -> f64 {
+    let started = Instant::now();
+    loop {
+        if pid(&status(mountpoint), field).is_some_and(|now| now != before) {
+            return started.elapsed().as_secs_f64() * 1000.0;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no new {field} 60 s after killing {before}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Mounts `dataset` through fscache, runs `plan`, unmounts, and reports. `stalls_ms` holds,
+/// per worker kill, the time until a new worker served (seen from outside).
+pub fn run(dataset: &Dataset, reader_bin: &Path, plan: &Plan, paths: &GuestPaths<'_>) -> Report {
+    fs::create_dir_all(paths.mountpoint).expect("mountpoint");
+    run_ok(
+        phoenixfs()
+            .args(["mount", "--fscache"])
+            .arg(&dataset.image)
+            .arg(paths.mountpoint)
+            .arg("--store")
+            .arg(&dataset.store)
+            .arg("--cache")
+            .arg(paths.chunk_cache)
+            .arg("--fscache-dir")
+            .arg(paths.fscache_dir),
+    );
+    let started = Instant::now();
+    let mut readers = spawn_readers(dataset, reader_bin, paths.mountpoint, plan.readers, paths.stop);
+    let mut report = Report::default();
+    let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+    let mut event = 0;
+    while event < plan.events || started.elapsed() < plan.min_duration {
+        let (low, high) = plan.interval_ms;
+        std::thread::sleep(Duration::from_millis(low + rng.next() % (high - low + 1)));
+        let now = status(paths.mountpoint);
+        let kill_worker = |report: &mut Report| {
+            // None while a worker is starting: wait for it, then kill it.
+            let worker = loop {
+                if let Some(worker) = pid(&status(paths.mountpoint), "worker_pid") {
+                    break worker;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            };
+            kill(Pid::from_raw(worker), Signal::SIGKILL).expect("killing the worker");
+            report.worker_kills += 1;
+            report.stalls_ms.push(await_replacement(paths.mountpoint, "worker_pid", worker));
+        };
+        let kill_holder = |report: &mut Report| {
+            let holder = pid(&now, "holder_pid").expect("holder_pid in status");
+            kill(Pid::from_raw(holder), Signal::SIGKILL).expect("killing the holder");
+            report.holder_kills += 1;
+            await_replacement(paths.mountpoint, "holder_pid", holder);
+        };
+        match plan.victim {
+            Victim::Nobody => {}
+            Victim::Worker => kill_worker(&mut report),
+            Victim::Holder => kill_holder(&mut report),
+            Victim::Alternate if event % 2 == 0 => kill_holder(&mut report),
+            Victim::Alternate => kill_worker(&mut report),
+            Victim::Upgrade => {
+                run_ok(phoenixfs().arg("upgrade").arg(paths.mountpoint));
+                report.upgrades += 1;
+            }
+            Victim::Mixed => match event % 3 {
+                0 => kill_worker(&mut report),
+                1 => {
+                    run_ok(phoenixfs().arg("upgrade").arg(paths.mountpoint));
+                    report.upgrades += 1;
+                }
+                _ => kill_holder(&mut report),
+            },
+        }
+        event += 1;
+    }
+    finish_readers(&mut readers, paths.stop, &mut report);
+    report.elapsed = started.elapsed();
+    let last = status(paths.mountpoint);
+    report.daemon_errors = last["worker"]["errors"].as_u64().unwrap_or(0);
+    assert_eq!(last["restarts"].as_u64(), Some(report.worker_kills as u64), "every worker kill is one restart: {last}");
+    assert_eq!(last["upgrades"].as_u64(), Some(report.upgrades as u64), "every upgrade counted: {last}");
+    run_ok(phoenixfs().arg("umount").arg(paths.mountpoint));
+    report
+}
+
+/// The report as the one console line the host reads back.
+pub fn report_line(report: &Report) -> String {
+    let at = |p| percentile(&report.stalls_ms, p);
+    let json = serde_json::json!({
+        "worker_kills": report.worker_kills,
+        "holder_kills": report.holder_kills,
+        "upgrades": report.upgrades,
+        "bytes_verified": report.bytes_verified,
+        "files_verified": report.files_verified,
+        "reader_passes": report.reader_passes,
+        "errors": report.errors,
+        "daemon_errors": report.daemon_errors,
+        "takeover_ms_median": at(0.5),
+        "takeover_ms_p99": at(0.99),
+        "elapsed_s": report.elapsed.as_secs_f64(),
+        "summary": report.summary(),
+    });
+    format!("{REPORT_PREFIX}{json}")
+}
+
+/// The report line `console` carries, parsed.
+pub fn report_in(console: &str) -> Option<Value> {
+    console.lines().find_map(|line| line.split_once(REPORT_PREFIX)).and_then(|(_, json)| serde_json::from_str(json.trim()).ok())
+}
+
+/// `command` as a shell word list for a guest script.
+pub fn shell_line(command: &Command) -> String {
+    std::iter::once(command.get_program()).chain(command.get_args()).map(|word| format!("'{}'", word.to_string_lossy().replace('\'', r"'\''"))).collect::<Vec<_>>().join(" ")
+}
