@@ -438,7 +438,12 @@ fn sha256_by_read(path: &Path) -> io::Result<(String, u64)> {
     loop {
         let n = file.read(&mut buf)?;
         if n == 0 {
-            nix::fcntl::posix_fadvise(file.as_raw_fd(), 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED)?;
+            // So that the next pass reads through the daemon again. A kernel without
+            // fadvise (the cachefiles VM's) keeps the pages: the next pass is cheaper, not wrong.
+            match nix::fcntl::posix_fadvise(file.as_raw_fd(), 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED) {
+                Ok(()) | Err(nix::errno::Errno::ENOSYS) => {}
+                Err(errno) => return Err(errno.into()),
+            }
             return Ok((hex::encode(hasher.finalize()), len));
         }
         hasher.update(&buf[..n]);

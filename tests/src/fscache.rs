@@ -57,9 +57,18 @@ fn await_replacement(mountpoint: &Path, field: &str, before: i32) -> f64 {
     }
 }
 
-/// Mounts `dataset` through fscache, runs `plan`, unmounts, and reports. `stalls_ms` holds,
-/// per worker kill, the time until a new worker served (seen from outside).
-pub fn run(dataset: &Dataset, reader_bin: &Path, plan: &Plan, paths: &GuestPaths<'_>) -> Report {
+/// What a run did and saw.
+pub struct FscacheReport {
+    /// `stalls_ms` holds, per worker kill, the time until a new worker served (seen from
+    /// outside).
+    pub report: Report,
+    /// Worker kills that hit a worker which had written data to the cache: after the first
+    /// pass the kernel reads from its cache files and a kill costs the readers nothing.
+    pub kills_while_fetching: usize,
+}
+
+/// Mounts `dataset` through fscache, runs `plan`, unmounts, and reports.
+pub fn run(dataset: &Dataset, reader_bin: &Path, plan: &Plan, paths: &GuestPaths<'_>) -> FscacheReport {
     fs::create_dir_all(paths.mountpoint).expect("mountpoint");
     run_ok(
         phoenixfs()
@@ -76,22 +85,26 @@ pub fn run(dataset: &Dataset, reader_bin: &Path, plan: &Plan, paths: &GuestPaths
     let started = Instant::now();
     let mut readers = spawn_readers(dataset, reader_bin, paths.mountpoint, plan.readers, paths.stop);
     let mut report = Report::default();
+    let mut kills_while_fetching = 0;
     let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
     let mut event = 0;
     while event < plan.events || started.elapsed() < plan.min_duration {
         let (low, high) = plan.interval_ms;
         std::thread::sleep(Duration::from_millis(low + rng.next() % (high - low + 1)));
         let now = status(paths.mountpoint);
-        let kill_worker = |report: &mut Report| {
+        let mut kill_worker = |report: &mut Report| {
             // None while a worker is starting: wait for it, then kill it.
-            let worker = loop {
-                if let Some(worker) = pid(&status(paths.mountpoint), "worker_pid") {
-                    break worker;
+            let (worker, fetching) = loop {
+                let now = status(paths.mountpoint);
+                if let Some(worker) = pid(&now, "worker_pid") {
+                    let fetching = pid(&now["worker"], "pid") == Some(worker) && now["worker"]["bytes_written"].as_u64() > Some(0);
+                    break (worker, fetching);
                 }
                 std::thread::sleep(Duration::from_millis(2));
             };
             kill(Pid::from_raw(worker), Signal::SIGKILL).expect("killing the worker");
             report.worker_kills += 1;
+            kills_while_fetching += usize::from(fetching);
             report.stalls_ms.push(await_replacement(paths.mountpoint, "worker_pid", worker));
         };
         let kill_holder = |report: &mut Report| {
@@ -128,14 +141,16 @@ pub fn run(dataset: &Dataset, reader_bin: &Path, plan: &Plan, paths: &GuestPaths
     assert_eq!(last["restarts"].as_u64(), Some(report.worker_kills as u64), "every worker kill is one restart: {last}");
     assert_eq!(last["upgrades"].as_u64(), Some(report.upgrades as u64), "every upgrade counted: {last}");
     run_ok(phoenixfs().arg("umount").arg(paths.mountpoint));
-    report
+    FscacheReport { report, kills_while_fetching }
 }
 
 /// The report as the one console line the host reads back.
-pub fn report_line(report: &Report) -> String {
+pub fn report_line(run: &FscacheReport) -> String {
+    let report = &run.report;
     let at = |p| percentile(&report.stalls_ms, p);
     let json = serde_json::json!({
         "worker_kills": report.worker_kills,
+        "kills_while_fetching": run.kills_while_fetching,
         "holder_kills": report.holder_kills,
         "upgrades": report.upgrades,
         "bytes_verified": report.bytes_verified,
