@@ -90,6 +90,11 @@ pub fn vm_dataset() -> Dataset {
     })
 }
 
+/// One 256 MiB file of noise, for reading speeds and probes inside the cachefiles VM.
+pub fn fscache_bench_dataset() -> Dataset {
+    cached_dataset("fscache-bench-v1", |src| write_file(&src.join("data/file.bin"), &noise(31, 256 << 20)))
+}
+
 /// The largest file the builder stores inline, in the metadata right after its inode (a
 /// file without xattrs: the inode and its data share one block).
 const INLINE_MAX: usize = layout::BLOCK_SIZE - layout::INODE_EXTENDED_SIZE;

@@ -175,3 +175,104 @@ pub fn report_in(console: &str) -> Option<Value> {
 pub fn shell_line(command: &Command) -> String {
     std::iter::once(command.get_program()).chain(command.get_args()).map(|word| format!("'{}'", word.to_string_lossy().replace('\'', r"'\''"))).collect::<Vec<_>>().join(" ")
 }
+
+/// Inside the guest, on an fscache mount at `mountpoint` of an image holding `file` (at
+/// least `2 * probes` MiB): `probes` times, kills the serving worker and at once reads 4 KiB
+/// of a chunk never read before; also reads as many such chunks with no kill. The latencies
+/// (ms): (after a kill, without one).
+pub fn probe_kills(mountpoint: &Path, file: &Path, probes: usize) -> (Vec<f64>, Vec<f64>) {
+    use std::os::unix::fs::FileExt;
+    let data = fs::File::open(file).expect("the probe file");
+    let mut buf = [0u8; 4096];
+    let mut read_at = |mib: u64| {
+        let started = Instant::now();
+        data.read_exact_at(&mut buf, mib << 20).expect("reading the probe file");
+        started.elapsed().as_secs_f64() * 1000.0
+    };
+    let mut after_kill = Vec::new();
+    let mut plain = Vec::new();
+    for i in 0..probes as u64 {
+        plain.push(read_at(2 * i));
+        let worker = loop {
+            if let Some(worker) = pid(&status(mountpoint), "worker_pid") {
+                break worker;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        let killed = Instant::now();
+        kill(Pid::from_raw(worker), Signal::SIGKILL).expect("killing the worker");
+        read_at(2 * i + 1);
+        after_kill.push(killed.elapsed().as_secs_f64() * 1000.0);
+    }
+    (after_kill, plain)
+}
+
+/// The reading benchmark, from the host: boots the cachefiles VM once and, in three
+/// interleaved rounds, times `cat` of a 256 MiB file (page cache dropped before each) through
+/// fscache cold (empty cache) and warm (cache files kept, a fresh mount), through the FUSE
+/// mount cold (empty chunk cache) and warm (chunk cache kept, a fresh mount), and through the
+/// kernel's EROFS with image and blob on the guest's disk; then [`probe_kills`]. Everything
+/// on the guest's one ext4 disk. Prints each figure and the medians.
+pub fn bench(chaos_bin: &Path, kills: usize) {
+    let dataset = crate::chaos::fscache_bench_dataset();
+    let blob = dataset.root.join("blob");
+    if !blob.exists() {
+        run_ok(phoenixfs().arg("blob").arg(&dataset.image).arg("--store").arg(&dataset.store).arg("-o").arg(&blob));
+    }
+    let p = crate::phoenixfs_bin();
+    let disk = crate::vm::GUEST_CACHE_DIR;
+    let (image, store) = (dataset.image.display(), dataset.store.display());
+    let script = format!(
+        r#"set -e
+ms() {{ echo $(( ($(date +%s%N) - $1) / 1000000 )); }}
+timed() {{ sync; echo 3 > /proc/sys/vm/drop_caches; t=$(date +%s%N); cat $2/data/file.bin > /dev/null; echo "RESULT $1 $(ms $t)"; }}
+cp {blob} {disk}/blob; cp {image} {disk}/image
+mkdir -p /tmp/mnt
+for round in 1 2 3; do
+  {p} mount --fscache {image} /tmp/mnt --store {store} --cache {disk}/chunks-f$round --fscache-dir {disk}/files$round
+  timed fscache-cold /tmp/mnt; {p} umount /tmp/mnt
+  {p} mount --fscache {image} /tmp/mnt --store {store} --cache {disk}/chunks-f$round --fscache-dir {disk}/files$round
+  timed fscache-warm /tmp/mnt; {p} umount /tmp/mnt
+  {p} mount {image} /tmp/mnt --store {store} --cache {disk}/chunks-u$round
+  timed fuse-cold /tmp/mnt; {p} umount /tmp/mnt
+  {p} mount {image} /tmp/mnt --store {store} --cache {disk}/chunks-u$round
+  timed fuse-warm /tmp/mnt; {p} umount /tmp/mnt
+  loop=$(losetup --find --show --read-only {disk}/blob)
+  mount -t erofs -o ro,device=$loop {disk}/image /tmp/mnt
+  timed kernel-local-blob /tmp/mnt; umount /tmp/mnt; losetup -d $loop
+done
+{p} mount --fscache {image} /tmp/mnt --store {store} --cache {disk}/chunks-probe --fscache-dir {disk}/files-probe
+{chaos} fscache-probe --mount /tmp/mnt --file /tmp/mnt/data/file.bin --kills {kills}
+{p} umount /tmp/mnt"#,
+        blob = blob.display(),
+        chaos = chaos_bin.display(),
+        p = p.display(),
+    );
+    let run = crate::vm::Vm { memory_mib: 2048, cpus: 2, cache_disk_mib: 8192, timeout: Duration::from_secs(3600) }.run(&script);
+    assert_eq!(run.exit_code, Some(0), "the benchmark failed in the guest:\n{}", run.console);
+    let mut results: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    for line in run.console.lines() {
+        if let Some((_, rest)) = line.split_once("RESULT ") {
+            let mut words = rest.split_whitespace();
+            if let (Some(what), Some(ms)) = (words.next(), words.next().and_then(|ms| ms.parse::<f64>().ok())) {
+                results.entry(what.to_string()).or_default().push(ms);
+            }
+        }
+    }
+    let mib_s = |ms: f64| 256.0 / (ms / 1000.0);
+    let median = |what: &str| results.get(what).and_then(|v| percentile(v, 0.5));
+    println!("256 MiB read with cat in the cachefiles VM (qemu TCG, 2 vCPUs), page cache dropped, 3 rounds:");
+    for (what, times) in &results {
+        let speeds: Vec<String> = times.iter().map(|&ms| format!("{:.0}", mib_s(ms))).collect();
+        println!("  {what:18} median {:6.0} MiB/s  (rounds: {} MiB/s)", median(what).map_or(0.0, mib_s), speeds.join(", "));
+    }
+    if let (Some(warm), Some(kernel)) = (median("fscache-warm"), median("kernel-local-blob")) {
+        println!("  fscache warm / kernel EROFS on a local blob: {:.2}x", kernel / warm);
+    }
+    if let (Some(fscache), Some(fuse)) = (median("fscache-cold"), median("fuse-cold")) {
+        println!("  fscache cold / FUSE cold: {:.2}x", fuse / fscache);
+    }
+    for line in run.console.lines().filter_map(|l| l.split_once("PROBE ")).map(|(_, rest)| rest) {
+        println!("  4 KiB read of a chunk never read, {line}");
+    }
+}

@@ -10,6 +10,7 @@
 
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
 
 use nix::sys::socket::{getsockopt, recvmsg, sendmsg, sockopt, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
 use phoenixfs_fuse::SessionParams;
@@ -110,6 +111,10 @@ pub enum Message {
     History(History),
     /// holder -> standby worker: the serving worker died at `died_at_ns`; take over.
     Go { died_at_ns: u64, history: History },
+    /// fscache holder -> worker: serve this image too (its sealed memfd attached).
+    ImageAdded { mountpoint: PathBuf },
+    /// fscache holder -> worker: the image of this mountpoint is unmounted.
+    ImageRemoved { mountpoint: PathBuf },
 }
 
 #[derive(Debug, Error)]
@@ -220,24 +225,51 @@ pub fn receive(socket: BorrowedFd<'_>) -> Result<(State, SessionFds), HandoverEr
 
 /// Sends one message; fails when the other side is gone.
 pub fn send_message(socket: BorrowedFd<'_>, message: &Message) -> Result<(), HandoverError> {
-    let bytes = serde_json::to_vec(message).expect("message serialises");
-    nix::sys::socket::send(socket.as_raw_fd(), &bytes, MsgFlags::MSG_NOSIGNAL).map(drop).map_err(HandoverError::Socket)
+    send_message_with_fds(socket, message, &[])
 }
 
-/// Waits for one message; `None` when the other side is gone.
+/// Sends one message with file descriptors attached.
+pub fn send_message_with_fds(socket: BorrowedFd<'_>, message: &Message, fds: &[RawFd]) -> Result<(), HandoverError> {
+    let bytes = serde_json::to_vec(message).expect("message serialises");
+    let rights = [ControlMessage::ScmRights(fds)];
+    let control: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &rights };
+    sendmsg::<UnixAddr>(socket.as_raw_fd(), &[IoSlice::new(&bytes)], control, MsgFlags::MSG_NOSIGNAL, None).map(drop).map_err(HandoverError::Socket)
+}
+
+/// Waits for one message; `None` when the other side is gone. Descriptors attached to it
+/// are closed.
 pub fn receive_message(socket: BorrowedFd<'_>) -> Result<Option<Message>, HandoverError> {
+    Ok(receive_message_with_fds(socket)?.map(|(message, _)| message))
+}
+
+/// Waits for one message and the descriptors attached to it; `None` when the other side is
+/// gone.
+pub fn receive_message_with_fds(socket: BorrowedFd<'_>) -> Result<Option<(Message, Vec<OwnedFd>)>, HandoverError> {
     let mut buf = [0u8; 4096];
-    let n = loop {
-        match nix::sys::socket::recv(socket.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let (n, fds) = loop {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        match recvmsg::<UnixAddr>(socket.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
             Err(nix::errno::Errno::EINTR) => continue,
             Err(nix::errno::Errno::ECONNRESET) => return Ok(None),
-            other => break other.map_err(HandoverError::Socket)?,
+            Err(errno) => return Err(HandoverError::Socket(errno)),
+            Ok(msg) => {
+                let mut fds = Vec::new();
+                for cmsg in msg.cmsgs().map_err(HandoverError::Socket)? {
+                    if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                        // SAFETY: SCM_RIGHTS just installed these descriptors in this process; we own them.
+                        fds.extend(raw.into_iter().map(|raw| unsafe { OwnedFd::from_raw_fd(raw) }));
+                    }
+                }
+                break (msg.bytes, fds);
+            }
         }
     };
     if n == 0 {
         return Ok(None);
     }
-    serde_json::from_slice(&buf[..n]).map(Some).map_err(|_| HandoverError::Garbled(String::from_utf8_lossy(&buf[..n]).trim().to_string()))
+    let message = serde_json::from_slice(&buf[..n]).map_err(|_| HandoverError::Garbled(String::from_utf8_lossy(&buf[..n]).trim().to_string()))?;
+    Ok(Some((message, fds)))
 }
 
 /// The pid of the process at the other end, refusing anyone but root and `owner`.
@@ -300,6 +332,25 @@ mod tests {
         assert_eq!(check_peer(b.as_fd(), nix::unistd::getuid().as_raw()).unwrap(), std::process::id());
         drop(a);
         assert_eq!(receive_message(b.as_fd()).unwrap(), None);
+    }
+
+    #[test]
+    fn a_message_carries_its_descriptors() {
+        use std::io::{Read, Seek, Write};
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        let (a, b) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(b"image bytes").unwrap();
+        let added = Message::ImageAdded { mountpoint: "/mnt/x".into() };
+        send_message_with_fds(a.as_fd(), &added, &[file.as_raw_fd()]).unwrap();
+        let (message, mut fds) = receive_message_with_fds(b.as_fd()).unwrap().unwrap();
+        assert_eq!(message, added);
+        assert_eq!(fds.len(), 1);
+        let mut received = std::fs::File::from(fds.pop().unwrap());
+        received.rewind().unwrap();
+        let mut text = String::new();
+        received.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "image bytes");
     }
 
     #[test]

@@ -30,7 +30,8 @@ pub(crate) fn load_and_seal(spec: &MountSpec) -> Result<(OwnedFd, ImageId, usize
     Ok((fd, image.id, image.table.chunk_size() as usize))
 }
 
-fn seal(bytes: &[u8]) -> std::io::Result<OwnedFd> {
+/// A copy of `bytes` in a memfd sealed against any change.
+pub(crate) fn seal(bytes: &[u8]) -> std::io::Result<OwnedFd> {
     let fd = memfd_create(c"phoenixfs-image", MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING)?;
     let mut file = File::from(fd);
     file.write_all(bytes)?;

@@ -85,6 +85,26 @@ enum Command {
         #[arg(long)]
         work: PathBuf,
     },
+    /// Inside the cachefiles VM, on an fscache mount: kill the worker and at once read 4 KiB
+    /// of a chunk never read before, KILLS times; prints the latencies (ms) with and without
+    /// a kill.
+    FscacheProbe {
+        #[arg(long)]
+        mount: PathBuf,
+        /// A file of the mount of at least 2 * KILLS MiB.
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long, default_value_t = 100)]
+        kills: usize,
+    },
+    /// On the host: boot the cachefiles VM and measure, in one run and three interleaved
+    /// rounds, `cat` of a 256 MiB file through fscache (cold: empty cache; warm: cache files
+    /// kept, page cache dropped), through the FUSE mount (cold, warm) and through the kernel's
+    /// EROFS on a local blob; then the read latency after worker kills.
+    BenchFscache {
+        #[arg(long, default_value_t = 100)]
+        kills: usize,
+    },
     /// Write everything observable about a tree, one entry a line, to OUT (trees on two
     /// machines compare as text).
     Snapshot {
@@ -140,6 +160,18 @@ fn main() -> ExitCode {
             let paths = fscache::GuestPaths { mountpoint: &mountpoint, chunk_cache: &chunk_cache, fscache_dir: &fscache_dir, stop: &stop };
             let report = fscache::run(&dataset, &me, &plan, &paths);
             println!("{}", fscache::report_line(&report));
+            ExitCode::SUCCESS
+        }
+        Command::FscacheProbe { mount, file, kills } => {
+            let (after_kill, plain) = fscache::probe_kills(&mount, &file, kills);
+            let at = |values: &[f64], p| chaos::percentile(values, p).map_or("-".into(), |ms| format!("{ms:.1}"));
+            println!("PROBE after-kill median {} p99 {} worst {} ms", at(&after_kill, 0.5), at(&after_kill, 0.99), at(&after_kill, 1.0));
+            println!("PROBE no-kill median {} p99 {} worst {} ms", at(&plain, 0.5), at(&plain, 0.99), at(&plain, 1.0));
+            ExitCode::SUCCESS
+        }
+        Command::BenchFscache { kills } => {
+            let me = std::env::current_exe().expect("this binary");
+            fscache::bench(&me, kills);
             ExitCode::SUCCESS
         }
         Command::Snapshot { dir, out } => {

@@ -3,10 +3,10 @@
 //! control socket, and starts a worker whenever the serving one dies: at once after a kill,
 //! with a growing delay when workers keep failing by themselves. It never reads a request.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -15,9 +15,9 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use phoenixfs_cachefiles::{Device, DeviceError};
 use tracing::{info, warn};
 
-use super::control::{ControlReply, ControlRequest, DaemonStatus, WorkerStats};
-use super::registry;
-use super::{control_socket_path, worker_stats_path, DaemonState, Takeover, CACHE_TAG, FSCACHE_DIR};
+use super::control::{self, ControlReply, ControlRequest, DaemonStatus, WorkerStats};
+use super::registry::{self, Registration};
+use super::{control_socket_path, worker_stats_path, DaemonState, ImageMemfds, Takeover, CACHE_TAG, FSCACHE_DIR};
 use crate::error::MountError;
 use crate::handover::{self, History, Message};
 use crate::holder::{classify, discard, spawn_with_channel, Exit, Role, WORKER_START_TIMEOUT};
@@ -38,6 +38,8 @@ struct Worker {
 
 struct Holder {
     device: OwnedFd,
+    /// The registered images' sealed memfds, by mountpoint (`state.images` lists them).
+    images: ImageMemfds,
     state: DaemonState,
     binary: PathBuf,
     worker: Option<Worker>,
@@ -55,12 +57,12 @@ pub fn run_fscache_daemon(cache_dir: &Path, log_level: u8) -> Result<(), MountEr
     std::fs::create_dir_all(cache_dir).map_err(io(format!("creating {}", cache_dir.display())))?;
     let device = open_device()?;
     device.bind_ondemand(cache_dir, CACHE_TAG)?;
-    let state = DaemonState { cache_dir: cache_dir.to_path_buf(), holder_pid: std::process::id(), takeover: Takeover::AfterStart, restarts: 0, upgrades: 0, log_level };
+    let state = DaemonState { cache_dir: cache_dir.to_path_buf(), holder_pid: std::process::id(), takeover: Takeover::AfterStart, restarts: 0, upgrades: 0, log_level, images: Vec::new() };
     let binary = std::env::current_exe().map_err(io("finding this binary".into()))?;
     let device = OwnedFd::from(device);
     // The first worker must start (it checks `restore`); the socket appears only then, so a
     // client that finds it finds a daemon that can serve.
-    let mut worker = launch(&binary, &state, device.as_fd())?;
+    let mut worker = launch(&binary, &state, device.as_fd(), &[])?;
     match handover::receive_message(worker.channel.as_fd()) {
         Ok(Some(Message::Ready { .. })) => worker.serving = true,
         Ok(Some(Message::Failed(why))) => return Err(MountError::Refused(why)),
@@ -68,7 +70,7 @@ pub fn run_fscache_daemon(cache_dir: &Path, log_level: u8) -> Result<(), MountEr
     }
     let control = bind_control()?;
     info!(cache_dir = %cache_dir.display(), "fscache daemon bound the cache");
-    Holder { device, state, binary, worker: Some(worker), control, failures: 0, next_start: None }.run()
+    Holder { device, images: Vec::new(), state, binary, worker: Some(worker), control, failures: 0, next_start: None }.run()
 }
 
 /// The hidden `fscache-holder` subcommand: started by a worker whose holder died; takes the
@@ -79,16 +81,21 @@ pub fn run_adopting_fscache_holder() -> Result<(), MountError> {
     let channel = unsafe { OwnedFd::from_raw_fd(3) };
     set_cloexec(channel.as_fd());
     let adopted = (|| {
-        let (state, mut fds) = handover::receive_with_fds::<DaemonState>(channel.as_fd())?;
+        let (state, fds) = handover::receive_with_fds::<DaemonState>(channel.as_fd())?;
         let mut state = state?;
         let worker_pid = handover::check_peer(channel.as_fd(), 0)?;
-        let device = fds.pop().ok_or(handover::HandoverError::Fds(0))?;
+        if fds.len() != 1 + state.images.len() {
+            return Err(handover::HandoverError::Fds(fds.len()).into());
+        }
+        let mut fds = fds.into_iter();
+        let device = fds.next().expect("counted");
+        let images: ImageMemfds = state.images.iter().cloned().zip(fds).collect();
         state.holder_pid = std::process::id();
         let binary = std::env::current_exe().map_err(|source| MountError::Io { what: "finding this binary".into(), source })?;
         let control = bind_control()?;
-        Ok::<_, MountError>((state, device, binary, control, worker_pid))
+        Ok::<_, MountError>((state, device, images, binary, control, worker_pid))
     })();
-    let (state, device, binary, control, worker_pid) = match adopted {
+    let (state, device, images, binary, control, worker_pid) = match adopted {
         Ok(adopted) => adopted,
         Err(e) => {
             let _ = handover::send_message(channel.as_fd(), &Message::Failed(e.to_string()));
@@ -98,7 +105,7 @@ pub fn run_adopting_fscache_holder() -> Result<(), MountError> {
     let _ = handover::send_message(channel.as_fd(), &Message::Ready { pid: std::process::id() });
     warn!(worker = worker_pid, "the previous fscache holder died; this one holds the cache now");
     let worker = Worker { pid: worker_pid, channel, child: None, started: Instant::now(), serving: true };
-    Holder { device, state, binary, worker: Some(worker), control, failures: 0, next_start: None }.run()
+    Holder { device, images, state, binary, worker: Some(worker), control, failures: 0, next_start: None }.run()
 }
 
 /// Opens `/dev/cachefiles`, waiting a little while a daemon that is shutting down lets go.
@@ -120,10 +127,13 @@ fn bind_control() -> Result<UnixListener, MountError> {
     Ok(listener)
 }
 
-/// Starts `binary fscache-worker` and hands it the state and the device fd.
-fn launch(binary: &Path, state: &DaemonState, device: BorrowedFd<'_>) -> Result<Worker, MountError> {
+/// Starts `binary fscache-worker` and hands it the state, the device fd and the images'
+/// memfds.
+fn launch(binary: &Path, state: &DaemonState, device: BorrowedFd<'_>, images: &[(PathBuf, OwnedFd)]) -> Result<Worker, MountError> {
     let (channel, mut child) = spawn_with_channel(binary, Role::FscacheWorker, state.log_level)?;
-    if let Err(e) = handover::send_with_fds(channel.as_fd(), state, &[device.as_raw_fd()]) {
+    let state = DaemonState { images: images.iter().map(|(mountpoint, _)| mountpoint.clone()).collect(), ..state.clone() };
+    let fds: Vec<RawFd> = std::iter::once(device.as_raw_fd()).chain(images.iter().map(|(_, fd)| fd.as_raw_fd())).collect();
+    if let Err(e) = handover::send_with_fds(channel.as_fd(), &state, &fds) {
         discard(&mut child);
         return Err(e.into());
     }
@@ -158,7 +168,7 @@ impl Holder {
 
     fn start_worker(&mut self) {
         self.next_start = None;
-        match launch(&self.binary, &self.state, self.device.as_fd()) {
+        match launch(&self.binary, &self.state, self.device.as_fd(), &self.images) {
             Ok(worker) => self.worker = Some(worker),
             Err(error) => {
                 warn!(%error, "cannot start an fscache worker");
@@ -218,25 +228,22 @@ impl Holder {
     fn answer_control(&mut self) -> bool {
         let Ok((stream, _)) = self.control.accept() else { return false };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut attached = Vec::new();
         let request = match handover::check_peer(stream.as_fd(), 0) {
             Err(e) => Err(e.to_string()),
-            Ok(_) => {
-                let mut line = String::new();
-                let _ = BufReader::new(&stream).read_line(&mut line);
+            Ok(_) => control::read_request(&stream).map_err(|e| format!("reading the request: {e}")).and_then(|(line, fds)| {
+                attached = fds;
                 serde_json::from_str::<ControlRequest>(&line).map_err(|e| format!("bad request: {e}"))
-            }
+            }),
         };
         let mut shutdown = false;
         let reply = match request {
             Err(why) => ControlReply::Refused(why),
-            Ok(ControlRequest::Register(registration)) => match registry::save(&registration) {
-                Ok(()) => ControlReply::Done,
-                Err(e) => ControlReply::Refused(format!("recording the image: {e}")),
+            Ok(ControlRequest::Register(registration)) => match attached.pop() {
+                Some(memfd) => self.register(registration, memfd),
+                None => ControlReply::Refused("a registration comes with the image's sealed memfd".into()),
             },
-            Ok(ControlRequest::Unregister { mountpoint }) => match registry::remove(&mountpoint) {
-                Ok(_) => ControlReply::Done,
-                Err(e) => ControlReply::Refused(format!("forgetting the image: {e}")),
-            },
+            Ok(ControlRequest::Unregister { mountpoint }) => self.unregister(&mountpoint),
             Ok(ControlRequest::Status) => ControlReply::Status(self.status()),
             Ok(ControlRequest::Upgrade { binary }) => match self.upgrade(binary) {
                 Ok(pid) => ControlReply::Upgraded { pid },
@@ -262,6 +269,35 @@ impl Holder {
         shutdown
     }
 
+    /// Records the image, keeps its memfd and hands it to the serving worker.
+    fn register(&mut self, registration: Registration, memfd: OwnedFd) -> ControlReply {
+        if let Err(e) = registry::save(&registration) {
+            return ControlReply::Refused(format!("recording the image: {e}"));
+        }
+        let mountpoint = registration.mountpoint;
+        self.images.retain(|(m, _)| *m != mountpoint);
+        if let Some(worker) = &self.worker {
+            let added = Message::ImageAdded { mountpoint: mountpoint.clone() };
+            if let Err(error) = handover::send_message_with_fds(worker.channel.as_fd(), &added, &[memfd.as_raw_fd()]) {
+                // It is dying; its successor gets every image at its start.
+                warn!(%error, "cannot hand the worker a new image");
+            }
+        }
+        self.images.push((mountpoint, memfd));
+        ControlReply::Done
+    }
+
+    fn unregister(&mut self, mountpoint: &Path) -> ControlReply {
+        if let Err(e) = registry::remove(mountpoint) {
+            return ControlReply::Refused(format!("forgetting the image: {e}"));
+        }
+        self.images.retain(|(m, _)| m != mountpoint);
+        if let Some(worker) = &self.worker {
+            let _ = handover::send_message(worker.channel.as_fd(), &Message::ImageRemoved { mountpoint: mountpoint.to_path_buf() });
+        }
+        ControlReply::Done
+    }
+
     fn status(&self) -> DaemonStatus {
         let worker: Option<WorkerStats> = std::fs::read(worker_stats_path()).ok().and_then(|b| serde_json::from_slice(&b).ok());
         DaemonStatus {
@@ -283,7 +319,7 @@ impl Holder {
             return Err("no fscache worker serves right now (one is starting); try again".into());
         }
         let state = DaemonState { takeover: Takeover::Upgrade, ..self.state.clone() };
-        let mut new = launch(&binary, &state, self.device.as_fd()).map_err(|e| e.to_string())?;
+        let mut new = launch(&binary, &state, self.device.as_fd(), &self.images).map_err(|e| e.to_string())?;
         match await_message(new.channel.as_fd(), WORKER_START_TIMEOUT) {
             Some(Message::Ready { .. }) => {}
             other => {

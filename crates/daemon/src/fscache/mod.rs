@@ -7,9 +7,11 @@
 //! ([`control`], through which `mount --fscache` registers images), and restarts the worker
 //! ([`worker`]) when it dies; a new worker writes `restore`, so the kernel delivers again what
 //! the dead one had read, and re-opens the objects whose anonymous fds died with it. A worker
-//! whose holder died starts a new holder. The images served are files in [`REGISTRY_DIR`]
-//! ([`registry`]), so a new process rebuilds everything from them and the kernel's messages;
-//! [`serve`] answers OPEN, READ and CLOSE.
+//! whose holder died starts a new holder. Each registered image is verified once, by the
+//! `mount` that registers it, and handed to the holder as a sealed memfd; every process
+//! passes the memfds on, and a worker maps them in constant time. What the images are is
+//! also recorded in [`REGISTRY_DIR`] ([`registry`]) for the commands; [`serve`] answers
+//! OPEN, READ and CLOSE.
 
 pub mod control;
 mod holder;
@@ -47,6 +49,9 @@ fn worker_stats_path() -> PathBuf {
     Path::new(FSCACHE_DIR).join("worker.json")
 }
 
+/// The registered images' sealed memfds, by mountpoint.
+type ImageMemfds = Vec<(PathBuf, std::os::fd::OwnedFd)>;
+
 /// What the daemon's holder hands each worker (and a worker a new holder), besides the
 /// `/dev/cachefiles` fd.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -59,6 +64,9 @@ pub struct DaemonState {
     pub restarts: u64,
     pub upgrades: u64,
     pub log_level: u8,
+    /// The mountpoints of the registered images whose sealed memfds follow the device fd,
+    /// in order.
+    pub images: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -1,8 +1,10 @@
 //! `mount --fscache`, `umount`, `status` and `upgrade` of fscache mounts: the client side of
-//! the daemon. Mounting verifies the image, starts the host's daemon if none runs, registers
-//! the image with it and asks the kernel's EROFS to mount it over fscache.
+//! the daemon. Mounting verifies the image, seals it into a memfd, starts the host's daemon if
+//! none runs, registers the image with it (memfd attached) and asks the kernel's EROFS to
+//! mount it over fscache.
 
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -15,6 +17,7 @@ use super::control::{request, ControlReply, ControlRequest, DaemonStatus};
 use super::registry::{self, Registration};
 use super::{log_path, FSCACHE_DIR};
 use crate::error::MountError;
+use crate::image_memory;
 use crate::mount::check_mountpoint;
 
 /// How long a client waits for the daemon: to start, or to answer.
@@ -34,7 +37,11 @@ pub struct FscacheMount {
 }
 
 fn ask(what: &ControlRequest) -> Result<ControlReply, MountError> {
-    match request(what, DAEMON_TIMEOUT) {
+    ask_with_fd(what, None)
+}
+
+fn ask_with_fd(what: &ControlRequest, fd: Option<BorrowedFd<'_>>) -> Result<ControlReply, MountError> {
+    match request(what, fd, DAEMON_TIMEOUT) {
         Ok(ControlReply::Refused(why)) => Err(MountError::Refused(format!("the fscache daemon refused: {why}"))),
         Ok(reply) => Ok(reply),
         Err(source) => Err(MountError::Io { what: "asking the fscache daemon".into(), source }),
@@ -48,6 +55,7 @@ pub fn mount_fscache(spec: FscacheMount) -> Result<(), MountError> {
     let mountpoint = check_mountpoint(&spec.mountpoint)?;
     let store = LocalStore::open(&spec.store)?;
     let image = load_image(&spec.image, Some(&store))?;
+    let memfd = image_memory::seal(image.bytes()).map_err(|source| MountError::Io { what: "copying the image into memory".into(), source })?;
     ensure_daemon(&spec.fscache_dir, spec.log_level)?;
     let registration = Registration {
         fsid: image.id.to_string(),
@@ -58,7 +66,7 @@ pub fn mount_fscache(spec: FscacheMount) -> Result<(), MountError> {
         cache_limit: spec.cache_limit,
         mountpoint: mountpoint.clone(),
     };
-    ask(&ControlRequest::Register(registration.clone()))?;
+    ask_with_fd(&ControlRequest::Register(registration.clone()), Some(memfd.as_fd()))?;
     let options = registration.mount_options();
     if let Err(errno) = mount(Some("none"), &mountpoint, Some("erofs"), MsFlags::MS_RDONLY | MsFlags::MS_NODEV, Some(options.as_str())) {
         let _ = ask(&ControlRequest::Unregister { mountpoint: mountpoint.clone() });
@@ -72,7 +80,7 @@ pub fn mount_fscache(spec: FscacheMount) -> Result<(), MountError> {
 
 /// Starts the host's fscache daemon unless one answers; returns once it serves.
 fn ensure_daemon(fscache_dir: &Path, log_level: u8) -> Result<(), MountError> {
-    if request(&ControlRequest::Status, DAEMON_TIMEOUT).is_ok() {
+    if request(&ControlRequest::Status, None, DAEMON_TIMEOUT).is_ok() {
         return Ok(());
     }
     let io = |what: String| move |source: io::Error| MountError::Io { what, source };
@@ -92,7 +100,7 @@ fn ensure_daemon(fscache_dir: &Path, log_level: u8) -> Result<(), MountError> {
     let mut child = command.spawn().map_err(io("starting the fscache daemon".into()))?;
     let deadline = Instant::now() + DAEMON_TIMEOUT;
     loop {
-        if request(&ControlRequest::Status, DAEMON_TIMEOUT).is_ok() {
+        if request(&ControlRequest::Status, None, DAEMON_TIMEOUT).is_ok() {
             return Ok(());
         }
         if let Ok(Some(_)) = child.try_wait() {

@@ -5,22 +5,30 @@
 //! completed with data missing would be an error the application cannot retry.
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use phoenixfs_cache::ChunkCache;
 use phoenixfs_cachefiles::{page_span, AlignedPages, Device, DeviceError, Message, Object, Request};
-use phoenixfs_format::ImageFile;
-use phoenixfs_store::{load_image, ChunkStore, LocalStore};
+use phoenixfs_format::{ImageFile, ImageId};
+use phoenixfs_store::{ChunkStore, LocalStore};
 use tracing::{debug, info, warn};
 
 use super::control::WorkerStats;
+use super::ImageMemfds;
 use super::registry::{self, Registration};
+use crate::image_memory;
 
 /// Chunks this worker keeps in memory; the kernel's page cache and cache files do the rest.
 const MEMORY_CACHE: u64 = 64 << 20;
+
+/// How long an OPEN of an unknown cookie waits for its image to be handed over (a mount
+/// registers its image, then mounts: the kernel's OPEN can overtake the hand-over).
+const IMAGE_HANDOVER_WAIT: Duration = Duration::from_secs(2);
 
 /// How long a write to a full cache directory is tried again before the READ fails.
 const CACHE_FULL_PATIENCE: Duration = Duration::from_secs(30);
@@ -29,19 +37,21 @@ const CACHE_FULL_PATIENCE: Duration = Duration::from_secs(30);
 struct Served {
     registration: Registration,
     image: ImageFile,
+    /// The sealed memfd the image is mapped from, to hand a new holder.
+    memfd: OwnedFd,
     store: Arc<dyn ChunkStore>,
     cache: Arc<ChunkCache>,
 }
 
 impl Served {
-    fn open(registration: Registration) -> Result<Served, String> {
+    /// Maps the image from its sealed memfd, verified by the `mount` that registered it: in
+    /// constant time, whatever its size.
+    fn open(registration: Registration, memfd: OwnedFd) -> Result<Served, String> {
+        let id: ImageId = registration.fsid.parse().map_err(|_| format!("the registration names no image id ({:?})", registration.fsid))?;
+        let image = image_memory::map(&memfd, id).map_err(|e| e.to_string())?;
         let store = LocalStore::open(&registration.store).map_err(|e| e.to_string())?;
-        let image = load_image(&registration.image, Some(&store)).map_err(|e| e.to_string())?;
-        if image.id.to_string() != registration.fsid {
-            return Err(format!("image {} is now {}, not the registered {}", registration.image, image.id, registration.fsid));
-        }
         let cache = ChunkCache::open_unindexed(&registration.cache_dir, registration.cache_limit, MEMORY_CACHE, None).map_err(|e| e.to_string())?;
-        Ok(Served { registration, image, store: Arc::new(store), cache: Arc::new(cache) })
+        Ok(Served { registration, image, memfd, store: Arc::new(store), cache: Arc::new(cache) })
     }
 
     fn blob_tag(&self) -> Option<String> {
@@ -72,31 +82,23 @@ struct OpenObject {
     content: Content,
 }
 
-/// The registered images by the cookies the kernel opens them by.
+/// The registered images, by mountpoint.
 #[derive(Default)]
 struct Catalog {
-    /// By mountpoint, as registered.
-    images: HashMap<std::path::PathBuf, Arc<Served>>,
+    images: HashMap<PathBuf, Arc<Served>>,
 }
 
 impl Catalog {
-    /// Opens images registered since the last look and forgets unregistered ones (objects
-    /// already open keep theirs).
-    fn refresh(&mut self) {
-        let registrations = registry::all();
-        self.images.retain(|mountpoint, served| registrations.iter().any(|r| &r.mountpoint == mountpoint && *r == served.registration));
-        for registration in registrations {
-            if self.images.contains_key(&registration.mountpoint) {
-                continue;
+    fn add(&mut self, mountpoint: PathBuf, memfd: OwnedFd) {
+        let Some(registration) = registry::find(&mountpoint) else {
+            return warn!(mountpoint = %mountpoint.display(), "an image handed over without its registration; not served");
+        };
+        match Served::open(registration, memfd) {
+            Ok(served) => {
+                info!(mountpoint = %mountpoint.display(), fsid = served.registration.fsid, "serving image");
+                self.images.insert(mountpoint, Arc::new(served));
             }
-            let mountpoint = registration.mountpoint.clone();
-            match Served::open(registration) {
-                Ok(served) => {
-                    info!(mountpoint = %mountpoint.display(), fsid = served.registration.fsid, "serving image");
-                    self.images.insert(mountpoint, Arc::new(served));
-                }
-                Err(error) => warn!(mountpoint = %mountpoint.display(), error, "cannot serve a registered image"),
-            }
+            Err(error) => warn!(mountpoint = %mountpoint.display(), error, "cannot serve a registered image"),
         }
     }
 
@@ -127,6 +129,8 @@ struct Counters {
 pub(super) struct Server {
     device: Device,
     catalog: Mutex<Catalog>,
+    /// Signalled when an image is added: an OPEN may race its image's hand-over.
+    catalog_grew: Condvar,
     objects: Mutex<HashMap<u32, Arc<OpenObject>>>,
     counters: Counters,
 }
@@ -136,10 +140,29 @@ fn count(counter: &AtomicU64, n: u64) {
 }
 
 impl Server {
-    pub(super) fn new(device: Device) -> Server {
+    /// A server for the images handed over (mountpoint, sealed memfd).
+    pub(super) fn new(device: Device, images: ImageMemfds) -> Server {
         let mut catalog = Catalog::default();
-        catalog.refresh();
-        Server { device, catalog: Mutex::new(catalog), objects: Mutex::new(HashMap::new()), counters: Counters::default() }
+        for (mountpoint, memfd) in images {
+            catalog.add(mountpoint, memfd);
+        }
+        Server { device, catalog: Mutex::new(catalog), catalog_grew: Condvar::new(), objects: Mutex::new(HashMap::new()), counters: Counters::default() }
+    }
+
+    pub(super) fn add_image(&self, mountpoint: PathBuf, memfd: OwnedFd) {
+        self.catalog.lock().unwrap_or_else(|p| p.into_inner()).add(mountpoint, memfd);
+        self.catalog_grew.notify_all();
+    }
+
+    /// Forgets an unmounted image; objects still open keep it until closed.
+    pub(super) fn remove_image(&self, mountpoint: &std::path::Path) {
+        self.catalog.lock().unwrap_or_else(|p| p.into_inner()).images.remove(mountpoint);
+    }
+
+    /// The images' mountpoints and memfds, to hand a new holder.
+    pub(super) fn image_fds(&self) -> Vec<(PathBuf, RawFd)> {
+        let catalog = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
+        catalog.images.iter().map(|(mountpoint, served)| (mountpoint.clone(), served.memfd.as_raw_fd())).collect()
     }
 
     pub(super) fn device(&self) -> &Device {
@@ -181,11 +204,16 @@ impl Server {
     fn open(&self, msg_id: u32, object: Object, volume_key: &[u8], cookie_key: &[u8]) {
         count(&self.counters.opens, 1);
         let content = {
+            let deadline = Instant::now() + IMAGE_HANDOVER_WAIT;
             let mut catalog = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
-            catalog.resolve(volume_key, cookie_key).or_else(|| {
-                catalog.refresh();
-                catalog.resolve(volume_key, cookie_key)
-            })
+            loop {
+                let content = catalog.resolve(volume_key, cookie_key);
+                let left = deadline.saturating_duration_since(Instant::now());
+                if content.is_some() || left.is_zero() {
+                    break content;
+                }
+                catalog = self.catalog_grew.wait_timeout(catalog, left).unwrap_or_else(|p| p.into_inner()).0;
+            }
         };
         let Some(content) = content else {
             count(&self.counters.opens_refused, 1);

@@ -2,7 +2,7 @@
 //! `restore` (so the kernel delivers again what a dead predecessor had read), and serves
 //! from several threads until told to retire. When its holder dies it starts a new one.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +12,7 @@ use phoenixfs_cachefiles::Device;
 use tracing::{info, warn};
 
 use super::serve::Server;
-use super::{worker_stats_path, DaemonState, Takeover};
+use super::{worker_stats_path, DaemonState, ImageMemfds, Takeover};
 use crate::error::MountError;
 use crate::handover::{self, Message};
 use crate::holder::{spawn_with_channel, Role};
@@ -29,14 +29,14 @@ pub fn run_fscache_worker() -> Result<(), MountError> {
     let channel = unsafe { OwnedFd::from_raw_fd(3) };
     set_cloexec(channel.as_fd());
     let started = receive(channel.as_fd());
-    let (mut state, device) = match started {
+    let (mut state, device, images) = match started {
         Ok(started) => started,
         Err(e) => {
             let _ = handover::send_message(channel.as_fd(), &Message::Failed(e.to_string()));
             return Err(e);
         }
     };
-    let server = Arc::new(Server::new(device));
+    let server = Arc::new(Server::new(device, images));
     if state.takeover == Takeover::Upgrade {
         let _ = handover::send_message(channel.as_fd(), &Message::Ready { pid: std::process::id() });
         if !matches!(handover::receive_message(channel.as_fd()), Ok(Some(Message::Go { .. }))) {
@@ -68,13 +68,18 @@ pub fn run_fscache_worker() -> Result<(), MountError> {
     // This thread follows the holder: retire when told, replace it when it dies.
     let mut channel = channel;
     loop {
-        match handover::receive_message(channel.as_fd()) {
-            Ok(Some(Message::Retire)) => break,
+        match handover::receive_message_with_fds(channel.as_fd()) {
+            Ok(Some((Message::Retire, _))) => break,
+            Ok(Some((Message::ImageAdded { mountpoint }, mut fds))) => match fds.pop() {
+                Some(memfd) => server.add_image(mountpoint, memfd),
+                None => warn!(mountpoint = %mountpoint.display(), "an image handed over without its memfd"),
+            },
+            Ok(Some((Message::ImageRemoved { mountpoint }, _))) => server.remove_image(&mountpoint),
             Ok(Some(_)) | Err(handover::HandoverError::Garbled(_)) => {}
             Ok(None) | Err(_) => {
                 warn!("the holder died; starting another");
                 state.takeover = Takeover::AfterStart;
-                channel = replace_holder(&state, server.device());
+                channel = replace_holder(&state, &server);
             }
         }
     }
@@ -87,14 +92,18 @@ pub fn run_fscache_worker() -> Result<(), MountError> {
     Ok(())
 }
 
-fn receive(channel: BorrowedFd<'_>) -> Result<(DaemonState, Device), MountError> {
-    let (state, mut fds) = handover::receive_with_fds::<DaemonState>(channel)?;
+/// The state, the device and the images' memfds (by mountpoint) from the holder.
+fn receive(channel: BorrowedFd<'_>) -> Result<(DaemonState, Device, ImageMemfds), MountError> {
+    let (state, fds) = handover::receive_with_fds::<DaemonState>(channel)?;
     let state = state?;
     handover::check_peer(channel, 0)?;
-    if fds.len() != 1 {
+    if fds.len() != 1 + state.images.len() {
         return Err(handover::HandoverError::Fds(fds.len()).into());
     }
-    Ok((state, Device::from_fd(fds.pop().expect("one fd"))))
+    let mut fds = fds.into_iter();
+    let device = Device::from_fd(fds.next().expect("counted"));
+    let images = state.images.iter().cloned().zip(fds).collect();
+    Ok((state, device, images))
 }
 
 fn serve(server: &Server, stop: &AtomicBool) {
@@ -126,11 +135,11 @@ fn write_stats(server: &Server) {
     }
 }
 
-/// Starts holders until one has taken the device fd; the channel to it.
-fn replace_holder(state: &DaemonState, device: &Device) -> OwnedFd {
+/// Starts holders until one has taken the device fd and the images; the channel to it.
+fn replace_holder(state: &DaemonState, server: &Server) -> OwnedFd {
     let mut attempt = 0u32;
     loop {
-        match start_holder(state, device) {
+        match start_holder(state, server) {
             Ok(channel) => return channel,
             Err(e) => {
                 attempt += 1;
@@ -141,10 +150,13 @@ fn replace_holder(state: &DaemonState, device: &Device) -> OwnedFd {
     }
 }
 
-fn start_holder(state: &DaemonState, device: &Device) -> Result<OwnedFd, MountError> {
+fn start_holder(state: &DaemonState, server: &Server) -> Result<OwnedFd, MountError> {
     let binary = std::env::current_exe().map_err(|source| MountError::Io { what: "finding this binary".into(), source })?;
     let (channel, mut child) = spawn_with_channel(&binary, Role::FscacheHolder, state.log_level)?;
-    let started = handover::send_with_fds(channel.as_fd(), state, &[device.as_fd().as_raw_fd()])
+    let images = server.image_fds();
+    let state = DaemonState { images: images.iter().map(|(mountpoint, _)| mountpoint.clone()).collect(), ..state.clone() };
+    let fds: Vec<RawFd> = std::iter::once(server.device().as_fd().as_raw_fd()).chain(images.iter().map(|(_, fd)| *fd)).collect();
+    let started = handover::send_with_fds(channel.as_fd(), &state, &fds)
         .map_err(MountError::from)
         .and_then(|()| match handover::receive_message(channel.as_fd()) {
             Ok(Some(Message::Ready { .. })) => Ok(()),
