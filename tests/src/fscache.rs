@@ -86,12 +86,15 @@ pub fn run(dataset: &Dataset, reader_bin: &Path, plan: &Plan, paths: &GuestPaths
     let mut readers = spawn_readers(dataset, reader_bin, paths.mountpoint, plan.readers, paths.stop);
     let mut report = Report::default();
     let mut kills_while_fetching = 0;
+    // Every holder pid seen: one more than the holder kills unless a holder died by itself.
+    let mut holders = std::collections::HashSet::new();
     let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
     let mut event = 0;
     while event < plan.events || started.elapsed() < plan.min_duration {
         let (low, high) = plan.interval_ms;
         std::thread::sleep(Duration::from_millis(low + rng.next() % (high - low + 1)));
         let now = status(paths.mountpoint);
+        holders.extend(pid(&now, "holder_pid"));
         let mut kill_worker = |report: &mut Report| {
             // None while a worker is starting: wait for it, then kill it.
             let (worker, fetching) = loop {
@@ -137,6 +140,8 @@ pub fn run(dataset: &Dataset, reader_bin: &Path, plan: &Plan, paths: &GuestPaths
     finish_readers(&mut readers, paths.stop, &mut report);
     report.elapsed = started.elapsed();
     let last = status(paths.mountpoint);
+    holders.extend(pid(&last, "holder_pid"));
+    report.holder_deaths_unasked = holders.len().saturating_sub(report.holder_kills + 1);
     report.daemon_errors = last["worker"]["errors"].as_u64().unwrap_or(0);
     assert_eq!(last["restarts"].as_u64(), Some(report.worker_kills as u64), "every worker kill is one restart: {last}");
     assert_eq!(last["upgrades"].as_u64(), Some(report.upgrades as u64), "every upgrade counted: {last}");
@@ -158,6 +163,7 @@ pub fn report_line(run: &FscacheReport) -> String {
         "reader_passes": report.reader_passes,
         "errors": report.errors,
         "daemon_errors": report.daemon_errors,
+        "holder_deaths_unasked": report.holder_deaths_unasked,
         "takeover_ms_median": at(0.5),
         "takeover_ms_p99": at(0.99),
         "elapsed_s": report.elapsed.as_secs_f64(),

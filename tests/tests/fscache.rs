@@ -86,6 +86,7 @@ fn fscache_chaos(victim: &str, events: usize) -> serde_json::Value {
     eprintln!("fscache chaos {victim}: {}; kills while fetching {}", report["summary"], report["kills_while_fetching"]);
     assert_eq!(report["errors"], 0, "readers saw errors or wrong bytes: {report}");
     assert_eq!(report["daemon_errors"], 0, "the daemon could not answer requests: {report}");
+    assert_eq!(report["holder_deaths_unasked"], 0, "a holder died by itself: {report}");
     assert!(report["bytes_verified"].as_u64().unwrap() >= 3 * dataset.bytes, "{report}");
     assert!(report["files_verified"].as_u64().unwrap() >= 4 * dataset.files as u64, "{report}");
     assert!(report["reader_passes"].as_array().unwrap().iter().all(|p| p.as_u64() >= Some(1)), "{report}");
