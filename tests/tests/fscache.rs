@@ -31,11 +31,11 @@ fn chaos_bin() -> &'static str {
 }
 
 /// `phoenixfs mount --fscache IMAGE DIR` as a guest shell line, with the cache files in
-/// `files` on the guest's disk.
+/// `files` on the guest's disk, and the chunk cache there too (its tmpfs is small).
 fn mount_line(image: &Path, store: &Path, mountpoint: &str, files: &str, extra: &[&str]) -> String {
     let mut command = phoenixfs();
     command.args(["mount", "--fscache"]).arg(image).arg(mountpoint).arg("--store").arg(store);
-    command.args(["--cache", "/tmp/chunks", "--fscache-dir", &format!("{GUEST_CACHE_DIR}/{files}")]).args(extra);
+    command.args(["--cache", &format!("{GUEST_CACHE_DIR}/chunks"), "--fscache-dir", &format!("{GUEST_CACHE_DIR}/{files}")]).args(extra);
     shell_line(&command)
 }
 
@@ -45,6 +45,15 @@ fn a_hostile_tree_mounted_through_fscache_equals_the_source() {
     let src = root.join("src");
     trees::all_cases(&src);
     fs::write(src.join("files/one-gib"), noise(77, 1 << 30)).unwrap();
+    // The emulated guest hashes about 20 MiB/s: the tree's 5 GiB sparse file becomes one of
+    // 256 MiB, with data at its start, in its middle and at its end.
+    let sparse = src.join("files/sparse");
+    fs::remove_file(&sparse).unwrap();
+    let file = fs::File::create(&sparse).unwrap();
+    file.set_len(256 << 20).unwrap();
+    for (at, data) in [(0, b"start".to_vec()), (100 << 20, noise(78, 300_000)), ((256 << 20) - 3, b"end".to_vec())] {
+        std::os::unix::fs::FileExt::write_all_at(&file, &data, at).unwrap();
+    }
     let (image, _) = build_image(&src, &root.join("store"), &root, &[]);
     let expected = root.join("expected");
     fs::write(&expected, snapshot_lines(&snapshot_dir(&src))).unwrap();
@@ -187,4 +196,36 @@ fn without_cachefiles_the_mount_says_so_in_one_line() {
     assert!(!out.status.success());
     assert_one_line_error(&out, "/dev/cachefiles is missing");
     assert!(String::from_utf8_lossy(&out.stderr).contains("use the FUSE mount"));
+}
+
+/// A store that is gone for a while (moved away for 3 s, in the guest) stalls the reader; the
+/// daemon tries again until the chunks come, and no READ completes without its data.
+#[test]
+fn a_store_outage_is_a_stall_not_an_error() {
+    let dataset = chaos::vm_dataset();
+    let p = phoenixfs_bin();
+    let script = format!(
+        r#"set -e
+cp -r {store} /tmp/store
+mkdir -p /tmp/mnt
+{mount}
+(cd /tmp/mnt && sha256sum large/part0.bin large/part1.bin > /tmp/sums) &
+reader=$!
+sleep 0.5
+mv /tmp/store /tmp/store-away
+sleep 3
+mv /tmp/store-away /tmp/store
+wait $reader
+cd {src} && sha256sum -c /tmp/sums
+{p} status /tmp/mnt
+{p} status /tmp/mnt --json | grep -q '"fetch_retries": [1-9]'
+echo OUTAGE-SURVIVED
+{p} umount /tmp/mnt"#,
+        store = dataset.store.display(),
+        mount = mount_line(&dataset.image, Path::new("/tmp/store"), "/tmp/mnt", "files", &[]),
+        src = dataset.root.join("src").display(),
+        p = p.display(),
+    );
+    let run = boot(&script, 1024, Duration::from_secs(600));
+    assert!(run.console.contains("OUTAGE-SURVIVED"), "console:\n{}", run.console);
 }

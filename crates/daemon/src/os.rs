@@ -50,3 +50,20 @@ pub(crate) fn die_on_panic() {
         std::process::abort();
     }));
 }
+
+/// Calls `attempt` until it succeeds, logging each failure as `what` and waiting 20 ms, then
+/// twice as long each time, up to 1.3 s, between tries: for what must happen, like finding a
+/// new holder for a session.
+pub(crate) fn retry_until_done<T, E: std::fmt::Display>(what: &str, mut attempt: impl FnMut() -> Result<T, E>) -> T {
+    let mut failures = 0u32;
+    loop {
+        match attempt() {
+            Ok(done) => return done,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, attempt = failures, "{what}; retrying");
+                std::thread::sleep(std::time::Duration::from_millis(20 << failures.min(6)));
+            }
+        }
+    }
+}

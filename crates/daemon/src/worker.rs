@@ -20,7 +20,7 @@ use crate::fs::ImageFs;
 use crate::handover::{self, History, Message, SessionFds, State, Takeover};
 use crate::holder::{start_with_handover, Role};
 use crate::image_memory;
-use crate::os::{die_on_panic, lowest_priority_for_this_thread, monotonic_ns, rss_bytes, set_cloexec, spawn_thread};
+use crate::os::{die_on_panic, lowest_priority_for_this_thread, retry_until_done, monotonic_ns, rss_bytes, set_cloexec, spawn_thread};
 use crate::spec::Prefetch;
 use crate::status::{self, Status};
 
@@ -246,17 +246,7 @@ fn follow_holder(session: &Session, link: &HolderLink) {
 
 /// Starts holders until one has taken the fd and state.
 fn replace_holder(session: &Session, link: &HolderLink) -> Child {
-    let mut attempt = 0u32;
-    loop {
-        match start_holder(session, link) {
-            Ok(child) => return child,
-            Err(e) => {
-                attempt += 1;
-                warn!(error = %e, attempt, "cannot start a holder; retrying");
-                std::thread::sleep(Duration::from_millis(20 << attempt.min(6)));
-            }
-        }
-    }
+    retry_until_done("cannot start a holder", || start_holder(session, link))
 }
 
 fn start_holder(session: &Session, link: &HolderLink) -> Result<Child, MountError> {

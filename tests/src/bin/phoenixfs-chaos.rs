@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use phoenixfs_tests::chaos::{self, Plan, ReaderKind, Victim};
 use phoenixfs_tests::{fscache, probe, snapshot};
 
@@ -16,6 +16,28 @@ use phoenixfs_tests::{fscache, probe, snapshot};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// What to do to the mount while the readers check, and how often.
+#[derive(Args)]
+struct PlanArgs {
+    /// nobody, worker, holder, alternate, upgrade or mixed.
+    #[arg(long, value_parser = |s: &str| Victim::parse(s).ok_or("nobody, worker, holder, alternate, upgrade or mixed"))]
+    victim: Victim,
+    #[arg(long, default_value_t = 50)]
+    events: usize,
+    #[arg(long, default_value_t = 10)]
+    min_ms: u64,
+    #[arg(long, default_value_t = 500)]
+    max_ms: u64,
+    #[arg(long, default_value_t = 4)]
+    readers: usize,
+}
+
+impl PlanArgs {
+    fn plan(&self, min_duration: Duration) -> Plan {
+        Plan { victim: self.victim, events: self.events, min_duration, interval_ms: (self.min_ms, self.max_ms.max(self.min_ms)), readers: self.readers }
+    }
 }
 
 #[derive(Subcommand)]
@@ -27,19 +49,11 @@ enum Command {
         #[arg(long, default_value = "gib")]
         dataset: String,
         /// nobody, worker, holder, alternate, upgrade or mixed.
-        #[arg(long, value_parser = |s: &str| Victim::parse(s).ok_or("nobody, worker, holder, alternate, upgrade or mixed"))]
-        victim: Victim,
-        #[arg(long, default_value_t = 50)]
-        events: usize,
+        #[command(flatten)]
+        plan: PlanArgs,
         /// Keep going at least this many seconds.
         #[arg(long, default_value_t = 0)]
         seconds: u64,
-        #[arg(long, default_value_t = 10)]
-        min_ms: u64,
-        #[arg(long, default_value_t = 500)]
-        max_ms: u64,
-        #[arg(long, default_value_t = 4)]
-        readers: usize,
         /// Print every stall (ms), one per line, to this file.
         #[arg(long)]
         stalls: Option<PathBuf>,
@@ -68,16 +82,8 @@ enum Command {
     FscacheRun {
         #[arg(long, default_value = "vm")]
         dataset: String,
-        #[arg(long, value_parser = |s: &str| Victim::parse(s).ok_or("nobody, worker, holder, alternate, upgrade or mixed"))]
-        victim: Victim,
-        #[arg(long, default_value_t = 50)]
-        events: usize,
-        #[arg(long, default_value_t = 10)]
-        min_ms: u64,
-        #[arg(long, default_value_t = 500)]
-        max_ms: u64,
-        #[arg(long, default_value_t = 4)]
-        readers: usize,
+        #[command(flatten)]
+        plan: PlanArgs,
         /// Where the kernel keeps its cache files (a disk, not tmpfs).
         #[arg(long)]
         fscache_dir: PathBuf,
@@ -152,9 +158,9 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Command::FscacheRun { dataset, victim, events, min_ms, max_ms, readers, fscache_dir, work } => {
+        Command::FscacheRun { dataset, plan, fscache_dir, work } => {
             let dataset = chaos::dataset_named(&dataset);
-            let plan = Plan { victim, events, min_duration: Duration::ZERO, interval_ms: (min_ms, max_ms.max(min_ms)), readers };
+            let plan = plan.plan(Duration::ZERO);
             let me = std::env::current_exe().expect("this binary");
             let (mountpoint, chunk_cache, stop) = (work.join("mnt"), work.join("chunks"), work.join("stop"));
             let paths = fscache::GuestPaths { mountpoint: &mountpoint, chunk_cache: &chunk_cache, fscache_dir: &fscache_dir, stop: &stop };
@@ -194,9 +200,9 @@ fn main() -> ExitCode {
             println!("{figures}");
             ExitCode::SUCCESS
         }
-        Command::Run { dataset, victim, events, seconds, min_ms, max_ms, readers, stalls } => {
+        Command::Run { dataset, plan, seconds, stalls } => {
             let dataset = chaos::dataset_named(&dataset);
-            let plan = Plan { victim, events, min_duration: Duration::from_secs(seconds), interval_ms: (min_ms, max_ms.max(min_ms)), readers };
+            let plan = plan.plan(Duration::from_secs(seconds));
             let me = std::env::current_exe().expect("this binary");
             let report = chaos::run(&dataset, &me, &plan, &dataset.root.join("cache-cli"));
             println!("{}", report.summary());

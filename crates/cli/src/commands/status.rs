@@ -48,8 +48,12 @@ pub fn run(mountpoint: Option<&Path>, json: bool) -> Result<ExitCode> {
             return super::fscache::status(Some(only), json);
         }
     }
-    if mountpoint.is_none() && !phoenixfs_daemon::fscache::registry::all().is_empty() {
+    let fscache_mounts = mountpoint.is_none() && !phoenixfs_daemon::fscache::registry::all().is_empty();
+    if fscache_mounts {
         super::fscache::status(None, json)?;
+    }
+    if mountpoints.is_empty() && fscache_mounts {
+        return Ok(ExitCode::SUCCESS);
     }
     if mountpoints.is_empty() {
         println!("no phoenixfs mounts");

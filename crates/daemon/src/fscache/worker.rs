@@ -16,7 +16,7 @@ use super::{worker_stats_path, DaemonState, ImageMemfds, Takeover};
 use crate::error::MountError;
 use crate::handover::{self, Message};
 use crate::holder::{spawn_with_channel, Role};
-use crate::os::{die_on_panic, set_cloexec, spawn_thread};
+use crate::os::{die_on_panic, retry_until_done, set_cloexec, spawn_thread};
 
 /// How often a serving thread looks up from the device to see whether it should stop.
 const POLL_MS: u16 = 100;
@@ -137,17 +137,7 @@ fn write_stats(server: &Server) {
 
 /// Starts holders until one has taken the device fd and the images; the channel to it.
 fn replace_holder(state: &DaemonState, server: &Server) -> OwnedFd {
-    let mut attempt = 0u32;
-    loop {
-        match start_holder(state, server) {
-            Ok(channel) => return channel,
-            Err(e) => {
-                attempt += 1;
-                warn!(error = %e, attempt, "cannot start a holder; retrying");
-                std::thread::sleep(Duration::from_millis(20 << attempt.min(6)));
-            }
-        }
-    }
+    retry_until_done("cannot start a holder", || start_holder(state, server))
 }
 
 fn start_holder(state: &DaemonState, server: &Server) -> Result<OwnedFd, MountError> {
