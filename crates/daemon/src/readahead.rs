@@ -59,6 +59,16 @@ impl Readahead {
             shared.on_read(inode, offset, len);
         }
     }
+
+    /// For a reader of the blob itself (the kernel's EROFS over fscache, which asks only for
+    /// what its cache lacks): the window of the blob after `offset + len`.
+    pub fn on_blob_read(&self, offset: u64, len: u64) {
+        if let Some(shared) = &self.shared {
+            let (start, chunk) = (offset.saturating_add(len), shared.image.table.chunk_size());
+            let end = start.saturating_add(shared.window).min(shared.image.table.blob_len());
+            shared.enqueue((start..end).step_by(chunk as usize));
+        }
+    }
 }
 
 impl Shared {
@@ -77,13 +87,19 @@ impl Shared {
             return;
         }
         let Ok(extents) = self.image.bootstrap.extents(inode, end, self.window) else { return };
+        self.enqueue(extents.into_iter().filter_map(|extent| match extent.target {
+            ExtentTarget::Blob { offset } => Some(offset),
+            _ => None,
+        }));
+    }
+
+    /// Queues the chunks holding these blob offsets, unless in memory or queued already.
+    fn enqueue(&self, blob_offsets: impl Iterator<Item = u64>) {
         let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        for extent in extents {
-            if let ExtentTarget::Blob { offset } = extent.target {
-                let Ok(chunk) = self.image.table.locate(offset) else { continue };
-                if !self.cache.in_memory(&chunk.entry.digest) && queue.1.insert(chunk.index) {
-                    queue.0.push_back(chunk.index);
-                }
+        for offset in blob_offsets {
+            let Ok(chunk) = self.image.table.locate(offset) else { continue };
+            if !self.cache.in_memory(&chunk.entry.digest) && queue.1.insert(chunk.index) {
+                queue.0.push_back(chunk.index);
             }
         }
         self.wake.notify_all();

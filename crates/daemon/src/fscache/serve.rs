@@ -22,9 +22,13 @@ use super::control::WorkerStats;
 use super::ImageMemfds;
 use super::registry::{self, Registration};
 use crate::image_memory;
+use crate::readahead::Readahead;
 
 /// Chunks this worker keeps in memory; the kernel's page cache and cache files do the rest.
 const MEMORY_CACHE: u64 = 64 << 20;
+
+/// How far ahead of a READ of the blob chunks are fetched in the background.
+const READAHEAD: u64 = 16 << 20;
 
 /// How long an OPEN of an unknown cookie waits for its image to be handed over (a mount
 /// registers its image, then mounts: the kernel's OPEN can overtake the hand-over).
@@ -36,11 +40,12 @@ const CACHE_FULL_PATIENCE: Duration = Duration::from_secs(30);
 /// One registered image, opened.
 struct Served {
     registration: Registration,
-    image: ImageFile,
+    image: Arc<ImageFile>,
     /// The sealed memfd the image is mapped from, to hand a new holder.
     memfd: OwnedFd,
     store: Arc<dyn ChunkStore>,
     cache: Arc<ChunkCache>,
+    readahead: Readahead,
 }
 
 impl Served {
@@ -48,10 +53,11 @@ impl Served {
     /// constant time, whatever its size.
     fn open(registration: Registration, memfd: OwnedFd) -> Result<Served, String> {
         let id: ImageId = registration.fsid.parse().map_err(|_| format!("the registration names no image id ({:?})", registration.fsid))?;
-        let image = image_memory::map(&memfd, id).map_err(|e| e.to_string())?;
-        let store = LocalStore::open(&registration.store).map_err(|e| e.to_string())?;
-        let cache = ChunkCache::open_unindexed(&registration.cache_dir, registration.cache_limit, MEMORY_CACHE, None).map_err(|e| e.to_string())?;
-        Ok(Served { registration, image, memfd, store: Arc::new(store), cache: Arc::new(cache) })
+        let image = Arc::new(image_memory::map(&memfd, id).map_err(|e| e.to_string())?);
+        let store: Arc<dyn ChunkStore> = Arc::new(LocalStore::open(&registration.store).map_err(|e| e.to_string())?);
+        let cache = Arc::new(ChunkCache::open_unindexed(&registration.cache_dir, registration.cache_limit, MEMORY_CACHE, None).map_err(|e| e.to_string())?);
+        let readahead = Readahead::new(image.clone(), store.clone(), cache.clone(), READAHEAD);
+        Ok(Served { registration, image, memfd, store, cache, readahead })
     }
 
     fn blob_tag(&self) -> Option<String> {
@@ -280,6 +286,8 @@ impl Server {
         match content {
             Content::Bootstrap(served) => copy_overlap(served.image.bytes(), 0, start, out),
             Content::Blob(served, _) => {
+                // Chunks further on are fetched meanwhile, in parallel with this one.
+                served.readahead.on_blob_read(start, out.len() as u64);
                 let table = &served.image.table;
                 let chunk_size = table.chunk_size();
                 let end = start + out.len() as u64;
