@@ -1,6 +1,7 @@
 //! `mount --fscache` on a real kernel: each test boots the cachefiles VM ([`phoenixfs_tests::vm`],
 //! Linux 6.12 with cachefiles on-demand mode), where the host's binaries mount with the
-//! kernel's own EROFS over fscache, served by our daemon. Pass: the mount equals the source;
+//! kernel's own EROFS over fscache, served by our daemon. Pass: the mount equals the source,
+//! also read while the worker is killed again and again;
 //! readers see no error and no wrong byte while the daemon's worker or holder is killed or
 //! upgraded; two images of one domain share their common blob's cache file. And on this host,
 //! whose kernel has no cachefiles, the mount refuses in one line.
@@ -63,7 +64,16 @@ fn a_hostile_tree_mounted_through_fscache_equals_the_source() {
 mkdir -p /tmp/mnt
 {mount}
 mount | grep ' /tmp/mnt '
+# The worker is SIGKILLed every 10-500 ms while the snapshot reads everything from an empty
+# cache, the 1 GiB file included.
+(kills=0; while [ ! -e /tmp/snapshot-done ]; do
+   sleep "$(awk "BEGIN {{ print $(shuf -i 10-500 -n 1) / 1000 }}")"
+   worker=$({p} status /tmp/mnt --json | grep '"worker_pid"' | tr -dc 0-9)
+   [ -n "$worker" ] && kill -9 "$worker" && kills=$((kills + 1))
+ done; echo "WORKER-KILLS $kills") &
+killer=$!
 {chaos} snapshot --dir /tmp/mnt --out /tmp/actual
+touch /tmp/snapshot-done; wait $killer
 if ! diff {expected} /tmp/actual > /tmp/diff; then echo "the mount differs from the source:"; head -c 6000 /tmp/diff; exit 1; fi
 echo SNAPSHOT-EQUAL
 {p} status /tmp/mnt
@@ -80,7 +90,9 @@ echo UNMOUNTED"#,
     for line in ["SNAPSHOT-EQUAL", "EROFS over fscache", "UNMOUNTED"] {
         assert!(run.console.contains(line), "{line:?} not in the console:\n{}", run.console);
     }
-    eprintln!("hostile tree through fscache: equal to the source; VM run {:.0} s", run.elapsed.as_secs_f64());
+    let kills: u64 = run.console.lines().find_map(|l| l.split_once("WORKER-KILLS ")).and_then(|(_, n)| n.trim().parse().ok()).expect("the kill count");
+    assert!(kills >= 50, "only {kills} worker kills while the tree was read");
+    eprintln!("hostile tree through fscache, {kills} worker kills while it was read: equal to the source; VM run {:.0} s", run.elapsed.as_secs_f64());
 }
 
 /// Boots the VM and runs `phoenixfs-chaos fscache-run` on the VM dataset; its report.

@@ -1,6 +1,7 @@
-//! The images the daemon serves: one JSON file per mountpoint in [`REGISTRY_DIR`], written
-//! by the holder when `mount --fscache` registers an image and removed at unmount. Workers
-//! read them at start and again when the kernel opens a cookie they do not know.
+//! What the daemon serves: one JSON file per mountpoint in [`REGISTRY_DIR`], written by the
+//! holder when `mount --fscache` registers an image and removed at unmount. The commands read
+//! them (is this an fscache mount? what is mounted?); a worker reads the one of each image
+//! memfd it is handed, for the store and cache to serve it from.
 
 use std::fs;
 use std::io;
