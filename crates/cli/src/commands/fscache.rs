@@ -45,8 +45,15 @@ fn print(status: &DaemonStatus) {
         println!("chunk cache  {}", image.cache_dir.display());
     }
     println!("cache files  {}", status.cache_dir.display());
-    let worker = status.worker_pid.map_or("none (starting)".to_string(), |pid| pid.to_string());
-    println!("daemon       holder pid {}, worker pid {worker} ({} restarts, {} upgrades)", status.holder_pid, status.restarts, status.upgrades);
+    let pid = |pid: Option<u32>, none: &str| pid.map_or(none.to_string(), |pid| pid.to_string());
+    println!(
+        "daemon       holder pid {}, worker pid {}, standby pid {} ({} restarts, {} upgrades)",
+        status.holder_pid,
+        pid(status.worker_pid, "none (starting)"),
+        pid(status.standby_pid, "none"),
+        status.restarts,
+        status.upgrades
+    );
     if let Some(w) = &status.worker {
         println!(
             "served       {} opens ({} refused), {} objects open, {} reads, {} bytes written, {} fetch retries, {} cache-full retries, {} errors",

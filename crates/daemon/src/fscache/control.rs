@@ -41,6 +41,8 @@ pub struct DaemonStatus {
     pub holder_pid: u32,
     /// The worker that serves, unless one is starting.
     pub worker_pid: Option<u32>,
+    /// The prepared standby worker, which takes over when the serving one dies.
+    pub standby_pid: Option<u32>,
     /// Workers started after a predecessor died.
     pub restarts: u64,
     pub upgrades: u64,

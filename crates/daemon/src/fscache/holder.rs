@@ -26,6 +26,10 @@ use crate::os::{monotonic_ns, set_cloexec};
 /// A worker that lived this long before failing was not failing at start-up.
 const HEALTHY_AFTER: Duration = Duration::from_secs(1);
 
+/// Standbys in a row that may fail by themselves before no more are started (until the next
+/// takeover or upgrade): a broken binary must not spin.
+const MAX_STANDBY_FAILURES: u32 = 3;
+
 struct Worker {
     pid: u32,
     channel: OwnedFd,
@@ -43,6 +47,11 @@ struct Holder {
     state: DaemonState,
     binary: PathBuf,
     worker: Option<Worker>,
+    /// A worker started ahead of need, prepared to take over (`serving` here means prepared)
+    /// the moment the serving one dies: a takeover then costs a message, not a process start.
+    standby: Option<Worker>,
+    /// Standbys in a row that failed by themselves: after a few, none until a takeover.
+    standby_failures: u32,
     control: UnixListener,
     /// Workers in a row that failed by themselves soon after starting.
     failures: u32,
@@ -70,7 +79,7 @@ pub fn run_fscache_daemon(cache_dir: &Path, log_level: u8) -> Result<(), MountEr
     }
     let control = bind_control()?;
     info!(cache_dir = %cache_dir.display(), "fscache daemon bound the cache");
-    Holder { device, images: Vec::new(), state, binary, worker: Some(worker), control, failures: 0, next_start: None }.run()
+    Holder { device, images: Vec::new(), state, binary, worker: Some(worker), standby: None, standby_failures: 0, control, failures: 0, next_start: None }.run()
 }
 
 /// The hidden `fscache-holder` subcommand: started by a worker whose holder died; takes the
@@ -105,7 +114,7 @@ pub fn run_adopting_fscache_holder() -> Result<(), MountError> {
     let _ = handover::send_message(channel.as_fd(), &Message::Ready { pid: std::process::id() });
     warn!(worker = worker_pid, "the previous fscache holder died; this one holds the cache now");
     let worker = Worker { pid: worker_pid, channel, child: None, started: Instant::now(), serving: true };
-    Holder { device, images, state, binary, worker: Some(worker), control, failures: 0, next_start: None }.run()
+    Holder { device, images, state, binary, worker: Some(worker), standby: None, standby_failures: 0, control, failures: 0, next_start: None }.run()
 }
 
 /// Opens `/dev/cachefiles`, waiting a little while a daemon that is shutting down lets go.
@@ -156,7 +165,11 @@ impl Holder {
             if self.worker.is_none() && self.next_start.is_none_or(|at| Instant::now() >= at) {
                 self.start_worker();
             }
-            let (worker_ready, control_ready) = self.wait()?;
+            self.ensure_standby();
+            let (worker_ready, standby_ready, control_ready) = self.wait()?;
+            if standby_ready {
+                self.on_standby_event();
+            }
             if worker_ready {
                 self.on_worker_event();
             }
@@ -177,11 +190,78 @@ impl Holder {
         }
     }
 
-    /// Polls the control socket and the worker's channel until one speaks or the next start
-    /// is due.
-    fn wait(&self) -> Result<(bool, bool), MountError> {
+    /// Starts a standby when the serving worker serves and none is there, unless standbys
+    /// keep failing by themselves.
+    fn ensure_standby(&mut self) {
+        let serving = self.worker.as_ref().is_some_and(|w| w.serving);
+        if !serving || self.standby.is_some() || self.standby_failures >= MAX_STANDBY_FAILURES {
+            return;
+        }
+        let state = DaemonState { takeover: Takeover::OnGo, ..self.state.clone() };
+        match launch(&self.binary, &state, self.device.as_fd(), &self.images) {
+            Ok(standby) => self.standby = Some(standby),
+            Err(error) => {
+                self.standby_failures += 1;
+                warn!(%error, "cannot start a standby fscache worker");
+            }
+        }
+    }
+
+    fn on_standby_event(&mut self) {
+        let Some(standby) = self.standby.as_mut() else { return };
+        match handover::receive_message(standby.channel.as_fd()) {
+            Ok(Some(Message::Ready { .. })) => standby.serving = true,
+            Ok(Some(Message::Failed(why))) => warn!(pid = standby.pid, why, "the standby fscache worker could not start"),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => {
+                let mut standby = self.standby.take().expect("checked above");
+                match standby.child.as_mut().map_or(Exit::Unknown, |child| child.wait().map_or(Exit::Unknown, classify)) {
+                    Exit::Failed(how) => {
+                        self.standby_failures += 1;
+                        warn!(pid = standby.pid, how, failures = self.standby_failures, "the standby fscache worker failed");
+                    }
+                    exit => info!(pid = standby.pid, how = ?exit, "the standby fscache worker was killed"),
+                }
+            }
+        }
+    }
+
+    /// Hands the serving slot to the prepared standby, if there is one: it `restore`s and
+    /// serves.
+    fn wake_standby(&mut self) -> bool {
+        if !self.standby.as_ref().is_some_and(|s| s.serving) {
+            return false;
+        }
+        let mut standby = self.standby.take().expect("checked above");
+        let go = Message::Go { died_at_ns: monotonic_ns(), history: History { restarts: self.state.restarts, upgrades: self.state.upgrades, stalls_us: Vec::new(), takeovers_measured: 0 } };
+        if let Err(error) = handover::send_message(standby.channel.as_fd(), &go) {
+            warn!(%error, "the standby fscache worker is gone; starting another worker");
+            if let Some(child) = standby.child.as_mut() {
+                discard(child);
+            }
+            return false;
+        }
+        standby.started = Instant::now();
+        self.standby_failures = 0;
+        info!(pid = standby.pid, "the standby fscache worker took over");
+        self.worker = Some(standby);
+        true
+    }
+
+    /// Lets the standby go (it is of a binary an upgrade replaces, or the daemon stops).
+    fn discard_standby(&mut self) {
+        if let Some(child) = self.standby.take().and_then(|mut s| s.child.take()).as_mut() {
+            discard(child);
+        }
+        self.standby_failures = 0;
+    }
+
+    /// Polls the control socket and the workers' channels until one speaks or the next start
+    /// is due: (serving worker, standby, control).
+    fn wait(&self) -> Result<(bool, bool, bool), MountError> {
         let mut fds = vec![PollFd::new(self.control.as_fd(), PollFlags::POLLIN)];
-        fds.extend(self.worker.as_ref().map(|w| PollFd::new(w.channel.as_fd(), PollFlags::POLLIN)));
+        let watched = [self.worker.as_ref(), self.standby.as_ref()];
+        fds.extend(watched.iter().flatten().map(|w| PollFd::new(w.channel.as_fd(), PollFlags::POLLIN)));
         let timeout = match self.next_start {
             Some(at) => PollTimeout::try_from(at.saturating_duration_since(Instant::now()).as_millis() as i32 + 1).unwrap_or(PollTimeout::NONE),
             None => PollTimeout::NONE,
@@ -190,8 +270,11 @@ impl Holder {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(MountError::Io { what: "waiting on the fscache worker".into(), source: e.into() }),
         }
-        let ready: Vec<bool> = fds.iter().map(|fd| fd.revents().is_some_and(|r| !r.is_empty())).collect();
-        Ok((ready.get(1).copied().unwrap_or(false), ready[0]))
+        let mut ready = fds.iter().map(|fd| fd.revents().is_some_and(|r| !r.is_empty()));
+        let control = ready.next().unwrap_or(false);
+        let worker = watched[0].is_some() && ready.next().unwrap_or(false);
+        let standby = watched[1].is_some() && ready.next().unwrap_or(false);
+        Ok((worker, standby, control))
     }
 
     fn on_worker_event(&mut self) {
@@ -210,6 +293,7 @@ impl Holder {
                     Exit::Failed(_) if worker.started.elapsed() < HEALTHY_AFTER => self.failed_by_itself(),
                     _ => self.failures = 0,
                 }
+                self.wake_standby();
             }
         }
     }
@@ -262,6 +346,7 @@ impl Holder {
         if shutdown {
             // Gone from the socket first, so that the next mount starts a new daemon.
             let _ = std::fs::remove_file(control_socket_path());
+            self.discard_standby();
             self.retire_worker();
             info!("fscache daemon shut down; the cache is unbound");
         }
@@ -276,11 +361,11 @@ impl Holder {
         }
         let mountpoint = registration.mountpoint;
         self.images.retain(|(m, _)| *m != mountpoint);
-        if let Some(worker) = &self.worker {
-            let added = Message::ImageAdded { mountpoint: mountpoint.clone() };
+        let added = Message::ImageAdded { mountpoint: mountpoint.clone() };
+        for worker in [&self.worker, &self.standby].into_iter().flatten() {
             if let Err(error) = handover::send_message_with_fds(worker.channel.as_fd(), &added, &[memfd.as_raw_fd()]) {
                 // It is dying; its successor gets every image at its start.
-                warn!(%error, "cannot hand the worker a new image");
+                warn!(%error, pid = worker.pid, "cannot hand a worker a new image");
             }
         }
         self.images.push((mountpoint, memfd));
@@ -292,7 +377,7 @@ impl Holder {
             return ControlReply::Refused(format!("forgetting the image: {e}"));
         }
         self.images.retain(|(m, _)| m != mountpoint);
-        if let Some(worker) = &self.worker {
+        for worker in [&self.worker, &self.standby].into_iter().flatten() {
             let _ = handover::send_message(worker.channel.as_fd(), &Message::ImageRemoved { mountpoint: mountpoint.to_path_buf() });
         }
         ControlReply::Done
@@ -303,6 +388,7 @@ impl Holder {
         DaemonStatus {
             holder_pid: std::process::id(),
             worker_pid: self.worker.as_ref().filter(|w| w.serving).map(|w| w.pid),
+            standby_pid: self.standby.as_ref().filter(|w| w.serving).map(|w| w.pid),
             restarts: self.state.restarts,
             upgrades: self.state.upgrades,
             cache_dir: self.state.cache_dir.clone(),
@@ -318,7 +404,8 @@ impl Holder {
         if self.worker.is_none() {
             return Err("no fscache worker serves right now (one is starting); try again".into());
         }
-        let state = DaemonState { takeover: Takeover::Upgrade, ..self.state.clone() };
+        self.discard_standby();
+        let state = DaemonState { takeover: Takeover::OnGo, ..self.state.clone() };
         let mut new = launch(&binary, &state, self.device.as_fd(), &self.images).map_err(|e| e.to_string())?;
         match await_message(new.channel.as_fd(), WORKER_START_TIMEOUT) {
             Some(Message::Ready { .. }) => {}

@@ -73,7 +73,8 @@ pub struct DaemonState {
 pub enum Takeover {
     /// The daemon's first worker, or one replacing a dead one: `restore`, then serve.
     AfterStart,
-    /// Replacing a live worker: prepare, wait for `Go` (sent once the old one has finished
-    /// and exited), then `restore` and serve.
-    Upgrade,
+    /// Prepare, say so, and wait for `Go` before `restore` and serving: an upgrade's new
+    /// worker (`Go` once the old one has finished and exited) or a standby (`Go` when the
+    /// serving worker dies, so that a takeover costs a message, not a process start).
+    OnGo,
 }

@@ -37,9 +37,9 @@ pub fn run_fscache_worker() -> Result<(), MountError> {
         }
     };
     let server = Arc::new(Server::new(device, images));
-    if state.takeover == Takeover::Upgrade {
+    if state.takeover == Takeover::OnGo {
         let _ = handover::send_message(channel.as_fd(), &Message::Ready { pid: std::process::id() });
-        if !matches!(handover::receive_message(channel.as_fd()), Ok(Some(Message::Go { .. }))) {
+        if !await_go(channel.as_fd(), &server) {
             // Let go, or the holder died (the serving worker replaces it): not needed.
             return Ok(());
         }
@@ -48,7 +48,7 @@ pub fn run_fscache_worker() -> Result<(), MountError> {
         let _ = handover::send_message(channel.as_fd(), &Message::Failed(e.to_string()));
         return Err(MountError::Refused(e.to_string()));
     }
-    if state.takeover != Takeover::Upgrade {
+    if state.takeover != Takeover::OnGo {
         let _ = handover::send_message(channel.as_fd(), &Message::Ready { pid: std::process::id() });
     }
     info!(takeover = ?state.takeover, restarts = state.restarts, "fscache worker serving");
@@ -70,12 +70,8 @@ pub fn run_fscache_worker() -> Result<(), MountError> {
     loop {
         match handover::receive_message_with_fds(channel.as_fd()) {
             Ok(Some((Message::Retire, _))) => break,
-            Ok(Some((Message::ImageAdded { mountpoint }, mut fds))) => match fds.pop() {
-                Some(memfd) => server.add_image(mountpoint, memfd),
-                None => warn!(mountpoint = %mountpoint.display(), "an image handed over without its memfd"),
-            },
-            Ok(Some((Message::ImageRemoved { mountpoint }, _))) => server.remove_image(&mountpoint),
-            Ok(Some(_)) | Err(handover::HandoverError::Garbled(_)) => {}
+            Ok(Some((message, fds))) => follow_images(&server, message, fds),
+            Err(handover::HandoverError::Garbled(_)) => {}
             Ok(None) | Err(_) => {
                 warn!("the holder died; starting another");
                 state.takeover = Takeover::AfterStart;
@@ -90,6 +86,31 @@ pub fn run_fscache_worker() -> Result<(), MountError> {
     let _ = handover::send_message(channel.as_fd(), &Message::Retired);
     info!("retired: a newer worker serves");
     Ok(())
+}
+
+/// Waits for the holder's `Go`, keeping up with the images registered meanwhile; false when
+/// the holder let this worker go or died.
+fn await_go(channel: BorrowedFd<'_>, server: &Server) -> bool {
+    loop {
+        match handover::receive_message_with_fds(channel) {
+            Ok(Some((Message::Go { .. }, _))) => return true,
+            Ok(Some((message, fds))) => follow_images(server, message, fds),
+            Err(handover::HandoverError::Garbled(_)) => {}
+            Ok(None) | Err(_) => return false,
+        }
+    }
+}
+
+/// Serves an image the holder handed over, or forgets one unmounted.
+fn follow_images(server: &Server, message: Message, mut fds: Vec<OwnedFd>) {
+    match message {
+        Message::ImageAdded { mountpoint } => match fds.pop() {
+            Some(memfd) => server.add_image(mountpoint, memfd),
+            None => warn!(mountpoint = %mountpoint.display(), "an image handed over without its memfd"),
+        },
+        Message::ImageRemoved { mountpoint } => server.remove_image(&mountpoint),
+        other => warn!(message = ?other, "unexpected message from the holder"),
+    }
 }
 
 /// The state, the device and the images' memfds (by mountpoint) from the holder.
