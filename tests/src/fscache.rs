@@ -45,6 +45,18 @@ fn pid(status: &Value, field: &str) -> Option<i32> {
     status[field].as_u64().map(|pid| pid as i32)
 }
 
+/// The serving worker's pid and the status that names it; while a worker is starting there
+/// is none, so this waits for it.
+fn serving_worker(mountpoint: &Path) -> (i32, Value) {
+    loop {
+        let now = status(mountpoint);
+        if let Some(worker) = pid(&now, "worker_pid") {
+            return (worker, now);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Waits until status shows `field` set and different from `before`; how long that took (ms).
 fn await_replacement(mountpoint: &Path, field: &str, before: i32) -> f64 {
     let started = Instant::now();
@@ -96,15 +108,8 @@ pub fn run(dataset: &Dataset, reader_bin: &Path, plan: &Plan, paths: &GuestPaths
         let now = status(paths.mountpoint);
         holders.extend(pid(&now, "holder_pid"));
         let mut kill_worker = |report: &mut Report| {
-            // None while a worker is starting: wait for it, then kill it.
-            let (worker, fetching) = loop {
-                let now = status(paths.mountpoint);
-                if let Some(worker) = pid(&now, "worker_pid") {
-                    let fetching = pid(&now["worker"], "pid") == Some(worker) && now["worker"]["bytes_written"].as_u64() > Some(0);
-                    break (worker, fetching);
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            };
+            let (worker, now) = serving_worker(paths.mountpoint);
+            let fetching = pid(&now["worker"], "pid") == Some(worker) && now["worker"]["bytes_written"].as_u64() > Some(0);
             kill(Pid::from_raw(worker), Signal::SIGKILL).expect("killing the worker");
             report.worker_kills += 1;
             kills_while_fetching += usize::from(fetching);
@@ -199,12 +204,7 @@ pub fn probe_kills(mountpoint: &Path, file: &Path, probes: usize) -> (Vec<f64>, 
     let mut plain = Vec::new();
     for i in 0..probes as u64 {
         plain.push(read_at(2 * i));
-        let worker = loop {
-            if let Some(worker) = pid(&status(mountpoint), "worker_pid") {
-                break worker;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        };
+        let (worker, _) = serving_worker(mountpoint);
         let killed = Instant::now();
         kill(Pid::from_raw(worker), Signal::SIGKILL).expect("killing the worker");
         read_at(2 * i + 1);

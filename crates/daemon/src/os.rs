@@ -1,7 +1,12 @@
 //! Small process and thread helpers shared by the holder and the worker.
 
 use std::fs;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::time::Instant;
+
+use nix::poll::{poll, PollFd, PollTimeout};
 
 pub use phoenixfs_cache::process_alive;
 
@@ -66,4 +71,27 @@ pub(crate) fn retry_until_done<T, E: std::fmt::Display>(what: &str, mut attempt:
             }
         }
     }
+}
+
+/// Waits until one of `fds` has something to say or `deadline` passes (never, without one);
+/// which of them have, in order. A signal ends the wait early with none ready.
+pub(crate) fn poll_until(fds: &mut [PollFd<'_>], deadline: Option<Instant>) -> nix::Result<Vec<bool>> {
+    let timeout = match deadline {
+        // One millisecond late rather than early: poll rounds down.
+        Some(at) => PollTimeout::try_from(at.saturating_duration_since(Instant::now()).as_millis().min(1 << 30) as i32 + 1).unwrap_or(PollTimeout::NONE),
+        None => PollTimeout::NONE,
+    };
+    match poll(fds, timeout) {
+        Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(fds.iter().map(|fd| fd.revents().is_some_and(|r| !r.is_empty())).collect()),
+        Err(errno) => Err(errno),
+    }
+}
+
+/// A listening Unix socket at `path`, replacing whatever a dead process left there, not
+/// inherited by the processes this one starts.
+pub(crate) fn bind_fresh(path: &Path) -> Result<UnixListener, MountError> {
+    let _ = fs::remove_file(path);
+    let listener = UnixListener::bind(path).map_err(|source| MountError::Io { what: format!("binding {}", path.display()), source })?;
+    set_cloexec(listener.as_fd());
+    Ok(listener)
 }

@@ -3,25 +3,24 @@
 //! control socket, and starts a worker whenever the serving one dies: at once after a kill,
 //! with a growing delay when workers keep failing by themselves. It never reads a request.
 
-use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::DirBuilderExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::poll::{PollFd, PollFlags};
 use phoenixfs_cachefiles::{Device, DeviceError};
 use tracing::{info, warn};
 
 use super::control::{self, ControlReply, ControlRequest, DaemonStatus, WorkerStats};
 use super::registry::{self, Registration};
-use super::{control_socket_path, worker_stats_path, DaemonState, ImageMemfds, Takeover, CACHE_TAG, FSCACHE_DIR};
+use super::{control_socket_path, hand_over, take_over, worker_stats_path, DaemonState, ImageMemfds, Takeover, CACHE_TAG, FSCACHE_DIR};
 use crate::error::MountError;
 use crate::handover::{self, History, Message};
-use crate::holder::{classify, discard, spawn_with_channel, Exit, Role, WORKER_START_TIMEOUT};
-use crate::os::{monotonic_ns, set_cloexec};
+use crate::holder::{discard, reap, reply as reply_to, spawn_with_channel, Exit, Role, WORKER_START_TIMEOUT};
+use crate::os::{bind_fresh, monotonic_ns, poll_until, set_cloexec};
 
 /// A worker that lived this long before failing was not failing at start-up.
 const HEALTHY_AFTER: Duration = Duration::from_secs(1);
@@ -38,6 +37,18 @@ struct Worker {
     started: Instant,
     /// It said it serves.
     serving: bool,
+}
+
+impl Worker {
+    /// Ends it for good: killed and reaped if we started it, killed if adopted.
+    fn discard(mut self) {
+        match self.child.as_mut() {
+            Some(child) => discard(child),
+            None => {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
 }
 
 struct Holder {
@@ -90,15 +101,8 @@ pub fn run_adopting_fscache_holder() -> Result<(), MountError> {
     let channel = unsafe { OwnedFd::from_raw_fd(3) };
     set_cloexec(channel.as_fd());
     let adopted = (|| {
-        let (state, fds) = handover::receive_with_fds::<DaemonState>(channel.as_fd())?;
-        let mut state = state?;
+        let (mut state, device, images) = take_over(channel.as_fd())?;
         let worker_pid = handover::check_peer(channel.as_fd(), 0)?;
-        if fds.len() != 1 + state.images.len() {
-            return Err(handover::HandoverError::Fds(fds.len()).into());
-        }
-        let mut fds = fds.into_iter();
-        let device = fds.next().expect("counted");
-        let images: ImageMemfds = state.images.iter().cloned().zip(fds).collect();
         state.holder_pid = std::process::id();
         let binary = std::env::current_exe().map_err(|source| MountError::Io { what: "finding this binary".into(), source })?;
         let control = bind_control()?;
@@ -129,20 +133,15 @@ fn open_device() -> Result<Device, MountError> {
 }
 
 fn bind_control() -> Result<UnixListener, MountError> {
-    let path = control_socket_path();
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path).map_err(|source| MountError::Io { what: format!("binding {}", path.display()), source })?;
-    set_cloexec(listener.as_fd());
-    Ok(listener)
+    bind_fresh(&control_socket_path())
 }
 
 /// Starts `binary fscache-worker` and hands it the state, the device fd and the images'
 /// memfds.
 fn launch(binary: &Path, state: &DaemonState, device: BorrowedFd<'_>, images: &[(PathBuf, OwnedFd)]) -> Result<Worker, MountError> {
     let (channel, mut child) = spawn_with_channel(binary, Role::FscacheWorker, state.log_level)?;
-    let state = DaemonState { images: images.iter().map(|(mountpoint, _)| mountpoint.clone()).collect(), ..state.clone() };
-    let fds: Vec<RawFd> = std::iter::once(device.as_raw_fd()).chain(images.iter().map(|(_, fd)| fd.as_raw_fd())).collect();
-    if let Err(e) = handover::send_with_fds(channel.as_fd(), &state, &fds) {
+    let images: Vec<(PathBuf, RawFd)> = images.iter().map(|(mountpoint, fd)| (mountpoint.clone(), fd.as_raw_fd())).collect();
+    if let Err(e) = hand_over(channel.as_fd(), state, device, &images) {
         discard(&mut child);
         return Err(e.into());
     }
@@ -152,9 +151,8 @@ fn launch(binary: &Path, state: &DaemonState, device: BorrowedFd<'_>, images: &[
 /// Waits up to `timeout` for a message from a worker; `None` if none came or it died.
 fn await_message(channel: BorrowedFd<'_>, timeout: Duration) -> Option<Message> {
     let mut fds = [PollFd::new(channel, PollFlags::POLLIN)];
-    let timeout = PollTimeout::try_from(timeout.as_millis() as i32).unwrap_or(PollTimeout::NONE);
-    match poll(&mut fds, timeout) {
-        Ok(n) if n > 0 => handover::receive_message(channel).ok().flatten(),
+    match poll_until(&mut fds, Some(Instant::now() + timeout)) {
+        Ok(ready) if ready == [true] => handover::receive_message(channel).ok().flatten(),
         _ => None,
     }
 }
@@ -215,7 +213,7 @@ impl Holder {
             Ok(Some(_)) => {}
             Ok(None) | Err(_) => {
                 let mut standby = self.standby.take().expect("checked above");
-                match standby.child.as_mut().map_or(Exit::Unknown, |child| child.wait().map_or(Exit::Unknown, classify)) {
+                match reap(standby.child.as_mut()) {
                     Exit::Failed(how) => {
                         self.standby_failures += 1;
                         warn!(pid = standby.pid, how, failures = self.standby_failures, "the standby fscache worker failed");
@@ -233,12 +231,9 @@ impl Holder {
             return false;
         }
         let mut standby = self.standby.take().expect("checked above");
-        let go = Message::Go { died_at_ns: monotonic_ns(), history: History { restarts: self.state.restarts, upgrades: self.state.upgrades, stalls_us: Vec::new(), takeovers_measured: 0 } };
-        if let Err(error) = handover::send_message(standby.channel.as_fd(), &go) {
+        if let Err(error) = handover::send_message(standby.channel.as_fd(), &self.go()) {
             warn!(%error, "the standby fscache worker is gone; starting another worker");
-            if let Some(child) = standby.child.as_mut() {
-                discard(child);
-            }
+            standby.discard();
             return false;
         }
         standby.started = Instant::now();
@@ -250,10 +245,15 @@ impl Holder {
 
     /// Lets the standby go (it is of a binary an upgrade replaces, or the daemon stops).
     fn discard_standby(&mut self) {
-        if let Some(child) = self.standby.take().and_then(|mut s| s.child.take()).as_mut() {
-            discard(child);
+        if let Some(standby) = self.standby.take() {
+            standby.discard();
         }
         self.standby_failures = 0;
+    }
+
+    /// Tells a prepared worker to take over.
+    fn go(&self) -> Message {
+        Message::Go { died_at_ns: monotonic_ns(), history: History { restarts: self.state.restarts, upgrades: self.state.upgrades, stalls_us: Vec::new(), takeovers_measured: 0 } }
     }
 
     /// Polls the control socket and the workers' channels until one speaks or the next start
@@ -262,15 +262,8 @@ impl Holder {
         let mut fds = vec![PollFd::new(self.control.as_fd(), PollFlags::POLLIN)];
         let watched = [self.worker.as_ref(), self.standby.as_ref()];
         fds.extend(watched.iter().flatten().map(|w| PollFd::new(w.channel.as_fd(), PollFlags::POLLIN)));
-        let timeout = match self.next_start {
-            Some(at) => PollTimeout::try_from(at.saturating_duration_since(Instant::now()).as_millis() as i32 + 1).unwrap_or(PollTimeout::NONE),
-            None => PollTimeout::NONE,
-        };
-        match poll(&mut fds, timeout) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(MountError::Io { what: "waiting on the fscache worker".into(), source: e.into() }),
-        }
-        let mut ready = fds.iter().map(|fd| fd.revents().is_some_and(|r| !r.is_empty()));
+        let ready = poll_until(&mut fds, self.next_start).map_err(|e| MountError::Io { what: "waiting on the fscache worker".into(), source: e.into() })?;
+        let mut ready = ready.into_iter();
         let control = ready.next().unwrap_or(false);
         let worker = watched[0].is_some() && ready.next().unwrap_or(false);
         let standby = watched[1].is_some() && ready.next().unwrap_or(false);
@@ -285,7 +278,7 @@ impl Holder {
             Ok(Some(_)) => {}
             Ok(None) | Err(_) => {
                 let mut worker = self.worker.take().expect("checked above");
-                let exit = worker.child.as_mut().map_or(Exit::Unknown, |child| child.wait().map_or(Exit::Unknown, classify));
+                let exit = reap(worker.child.as_mut());
                 self.state.restarts += 1;
                 self.state.takeover = Takeover::AfterStart;
                 warn!(pid = worker.pid, how = ?exit, restarts = self.state.restarts, "the fscache worker died");
@@ -410,18 +403,15 @@ impl Holder {
         match await_message(new.channel.as_fd(), WORKER_START_TIMEOUT) {
             Some(Message::Ready { .. }) => {}
             other => {
-                if let Some(child) = new.child.as_mut() {
-                    discard(child);
-                }
+                new.discard();
                 return Err(format!("the new worker did not start, the old one serves on: {other:?}"));
             }
         }
         self.retire_worker();
-        let go = Message::Go { died_at_ns: monotonic_ns(), history: History { restarts: self.state.restarts, upgrades: self.state.upgrades + 1, stalls_us: Vec::new(), takeovers_measured: 0 } };
-        if let Err(e) = handover::send_message(new.channel.as_fd(), &go) {
+        self.state.upgrades += 1;
+        if let Err(e) = handover::send_message(new.channel.as_fd(), &self.go()) {
             warn!(error = %e, "the upgraded worker died before it served");
         }
-        self.state.upgrades += 1;
         self.binary = binary;
         let pid = new.pid;
         new.started = Instant::now();
@@ -434,7 +424,7 @@ impl Holder {
     /// Tells the serving worker to finish and exit, and waits for it (killing it after the
     /// start timeout: what it held is then delivered again by `restore`).
     fn retire_worker(&mut self) {
-        let Some(mut old) = self.worker.take() else { return };
+        let Some(old) = self.worker.take() else { return };
         let _ = handover::send_message(old.channel.as_fd(), &Message::Retire);
         let deadline = Instant::now() + WORKER_START_TIMEOUT;
         while Instant::now() < deadline {
@@ -443,17 +433,6 @@ impl Holder {
                 Some(_) => {}
             }
         }
-        match old.child.as_mut() {
-            Some(child) => discard(child),
-            None => {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(old.pid as i32), nix::sys::signal::Signal::SIGKILL);
-            }
-        }
+        old.discard();
     }
-}
-
-fn reply_to(client: &UnixStream, reply: &ControlReply) {
-    let mut body = serde_json::to_vec(reply).expect("reply serialises");
-    body.push(b'\n');
-    let _ = (&*client).write_all(&body);
 }

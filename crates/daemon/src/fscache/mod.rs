@@ -20,9 +20,12 @@ pub mod registry;
 mod serve;
 mod worker;
 
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::handover::{self, HandoverError};
 
 pub use control::{request, ControlReply, ControlRequest, DaemonStatus, WorkerStats};
 pub use holder::{run_adopting_fscache_holder, run_fscache_daemon};
@@ -50,7 +53,28 @@ fn worker_stats_path() -> PathBuf {
 }
 
 /// The registered images' sealed memfds, by mountpoint.
-type ImageMemfds = Vec<(PathBuf, std::os::fd::OwnedFd)>;
+type ImageMemfds = Vec<(PathBuf, OwnedFd)>;
+
+/// Hands a process the state, the device fd and the images' memfds (whose mountpoints go into
+/// the state, in the memfds' order).
+fn hand_over(channel: BorrowedFd<'_>, state: &DaemonState, device: BorrowedFd<'_>, images: &[(PathBuf, RawFd)]) -> Result<(), HandoverError> {
+    let state = DaemonState { images: images.iter().map(|(mountpoint, _)| mountpoint.clone()).collect(), ..state.clone() };
+    let fds: Vec<RawFd> = std::iter::once(device.as_raw_fd()).chain(images.iter().map(|(_, fd)| *fd)).collect();
+    handover::send_with_fds(channel, &state, &fds)
+}
+
+/// Receives what [`hand_over`] sent: the state, the device fd and the images' memfds.
+fn take_over(channel: BorrowedFd<'_>) -> Result<(DaemonState, OwnedFd, ImageMemfds), HandoverError> {
+    let (state, fds) = handover::receive_with_fds::<DaemonState>(channel)?;
+    let state = state?;
+    if fds.len() != 1 + state.images.len() {
+        return Err(HandoverError::Fds(fds.len()));
+    }
+    let mut fds = fds.into_iter();
+    let device = fds.next().expect("counted");
+    let images = state.images.iter().cloned().zip(fds).collect();
+    Ok((state, device, images))
+}
 
 /// What the daemon's holder hands each worker (and a worker a new holder), besides the
 /// `/dev/cachefiles` fd.

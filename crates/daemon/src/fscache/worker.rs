@@ -2,7 +2,7 @@
 //! `restore` (so the kernel delivers again what a dead predecessor had read), and serves
 //! from several threads until told to retire. When its holder dies it starts a new one.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +12,7 @@ use phoenixfs_cachefiles::Device;
 use tracing::{info, warn};
 
 use super::serve::Server;
-use super::{worker_stats_path, DaemonState, ImageMemfds, Takeover};
+use super::{hand_over, take_over, worker_stats_path, DaemonState, ImageMemfds, Takeover};
 use crate::error::MountError;
 use crate::handover::{self, Message};
 use crate::holder::{spawn_with_channel, Role};
@@ -115,16 +115,9 @@ fn follow_images(server: &Server, message: Message, mut fds: Vec<OwnedFd>) {
 
 /// The state, the device and the images' memfds (by mountpoint) from the holder.
 fn receive(channel: BorrowedFd<'_>) -> Result<(DaemonState, Device, ImageMemfds), MountError> {
-    let (state, fds) = handover::receive_with_fds::<DaemonState>(channel)?;
-    let state = state?;
+    let (state, device, images) = take_over(channel)?;
     handover::check_peer(channel, 0)?;
-    if fds.len() != 1 + state.images.len() {
-        return Err(handover::HandoverError::Fds(fds.len()).into());
-    }
-    let mut fds = fds.into_iter();
-    let device = Device::from_fd(fds.next().expect("counted"));
-    let images = state.images.iter().cloned().zip(fds).collect();
-    Ok((state, device, images))
+    Ok((state, Device::from_fd(device), images))
 }
 
 fn serve(server: &Server, stop: &AtomicBool) {
@@ -164,10 +157,7 @@ fn replace_holder(state: &DaemonState, server: &Server) -> OwnedFd {
 fn start_holder(state: &DaemonState, server: &Server) -> Result<OwnedFd, MountError> {
     let binary = std::env::current_exe().map_err(|source| MountError::Io { what: "finding this binary".into(), source })?;
     let (channel, mut child) = spawn_with_channel(&binary, Role::FscacheHolder, state.log_level)?;
-    let images = server.image_fds();
-    let state = DaemonState { images: images.iter().map(|(mountpoint, _)| mountpoint.clone()).collect(), ..state.clone() };
-    let fds: Vec<RawFd> = std::iter::once(server.device().as_fd().as_raw_fd()).chain(images.iter().map(|(_, fd)| *fd)).collect();
-    let started = handover::send_with_fds(channel.as_fd(), &state, &fds)
+    let started = hand_over(channel.as_fd(), state, server.device().as_fd(), &server.image_fds())
         .map_err(MountError::from)
         .and_then(|()| match handover::receive_message(channel.as_fd()) {
             Ok(Some(Message::Ready { .. })) => Ok(()),

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::lifecycle::START_TIMEOUT;
 use crate::error::MountError;
 use crate::handover;
-use crate::os::set_cloexec;
+use crate::os::bind_fresh;
 use crate::status;
 
 /// What `phoenixfs upgrade` asks of a holder.
@@ -31,12 +31,8 @@ pub enum ControlReply {
 
 /// The holder's control socket.
 pub(crate) fn bind(mountpoint: &Path) -> Result<UnixListener, MountError> {
-    let path = status::holder_socket_path(mountpoint);
     status::make_run_dir().map_err(|source| MountError::Io { what: format!("creating {}", status::RUN_DIR), source })?;
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path).map_err(|source| MountError::Io { what: format!("binding {}", path.display()), source })?;
-    set_cloexec(listener.as_fd());
-    Ok(listener)
+    bind_fresh(&status::holder_socket_path(mountpoint))
 }
 
 /// Accepts one connection and reads its request: the client (to answer later) and what it
@@ -55,7 +51,8 @@ pub(crate) fn accept(listener: &UnixListener, owner_uid: u32) -> Option<(UnixStr
     Some((stream, request))
 }
 
-pub(crate) fn reply(client: &UnixStream, reply: &ControlReply) {
+/// Writes `reply` to the client as one JSON line (the fscache daemon's control protocol too).
+pub(crate) fn reply(client: &UnixStream, reply: &impl Serialize) {
     let mut body = serde_json::to_vec(reply).expect("reply serialises");
     body.push(b'\n');
     let _ = (&*client).write_all(&body);

@@ -7,14 +7,15 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Instant;
 
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::poll::{PollFd, PollFlags};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
 use super::lifecycle::{Exit, START_TIMEOUT};
 use crate::error::{MountError, StartError};
 use crate::handover::{self, Message, SessionFds, State};
-use crate::os::monotonic_ns;
+use crate::os::{monotonic_ns, poll_until};
 
 /// What a launched process is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,8 +108,7 @@ pub(crate) fn spawn_with_channel(binary: &Path, role: Role, log_level: u8) -> Re
 /// Waits for a started process's first message: `Ready`, or why it failed.
 fn await_ready(channel: BorrowedFd<'_>, role: Role) -> Result<(), MountError> {
     let mut fds = [PollFd::new(channel, PollFlags::POLLIN)];
-    let timeout = PollTimeout::try_from(START_TIMEOUT.as_millis() as i32).unwrap_or(PollTimeout::NONE);
-    if !matches!(poll(&mut fds, timeout), Ok(n) if n > 0) {
+    if poll_until(&mut fds, Some(Instant::now() + START_TIMEOUT)) != Ok(vec![true]) {
         return Err(MountError::NotStarted { what: role.subcommand(), cause: StartError::Timeout(START_TIMEOUT.as_secs()) });
     }
     read_ready(channel, role)
@@ -124,6 +124,15 @@ pub(crate) fn read_ready(channel: BorrowedFd<'_>, role: Role) -> Result<(), Moun
         Err(e) => StartError::Channel(e),
     };
     Err(MountError::NotStarted { what: role.subcommand(), cause })
+}
+
+/// Waits for a process we started (none: one we adopted, which we cannot wait for) and says
+/// how it ended.
+pub(crate) fn reap(child: Option<&mut Child>) -> Exit {
+    match child.map(Child::wait) {
+        Some(Ok(status)) => classify(status),
+        Some(Err(_)) | None => Exit::Unknown,
+    }
 }
 
 /// How a child process ended, for the lifecycle: killed from outside, or failed by itself.

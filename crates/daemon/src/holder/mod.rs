@@ -25,7 +25,8 @@ use nix::unistd::Pid;
 use tracing::{info, warn};
 
 pub use control::request_upgrade;
-pub(crate) use launch::{classify, discard, spawn_with_channel, start_with_handover, Role};
+pub(crate) use control::reply;
+pub(crate) use launch::{discard, reap, spawn_with_channel, start_with_handover, Role};
 pub(crate) use lifecycle::{Exit, START_TIMEOUT as WORKER_START_TIMEOUT};
 pub(crate) use start::hold;
 pub use start::run_adopting_holder;
@@ -35,7 +36,7 @@ use self::lifecycle::{Action, Event, Lifecycle, START_TIMEOUT};
 use self::upgrade::Upgrade;
 use crate::error::MountError;
 use crate::handover::{self, Message, SessionFds, State, Takeover};
-use crate::os::monotonic_ns;
+use crate::os::{monotonic_ns, poll_until};
 
 /// A worker process this holder watches: started by it, or adopted after the previous
 /// holder died.
@@ -61,11 +62,7 @@ impl Worker {
 
     /// Reaps the worker if it is ours: how it ended.
     fn reap(&mut self) -> Exit {
-        let exit = match self.child.as_mut().map(Child::wait) {
-            Some(Ok(status)) => classify(status),
-            Some(Err(_)) | None => Exit::Unknown,
-        };
-        match (exit, self.failure.take()) {
+        match (reap(self.child.as_mut()), self.failure.take()) {
             (Exit::Failed(how), Some(why)) => Exit::Failed(format!("{how}: {why}")),
             (exit, _) => exit,
         }
@@ -146,20 +143,12 @@ impl Holder {
         }
         fds.extend(self.standbys.iter().chain(&self.retiring).map(|w| PollFd::new(w.channel.as_fd(), PollFlags::POLLIN)));
         let deadline = [self.slot.deadline(), self.upgrade.as_ref().map(|u| u.deadline)].into_iter().flatten().min();
-        let timeout = match deadline {
-            // One millisecond late rather than early: poll rounds down.
-            Some(at) => PollTimeout::try_from(at.saturating_duration_since(Instant::now()).as_millis().min(1 << 30) as i32 + 1).unwrap_or(PollTimeout::NONE),
-            None => PollTimeout::NONE,
-        };
-        match poll(&mut fds, timeout) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(MountError::Io { what: "waiting for the worker".into(), source: e.into() }),
-        }
-        let mut events = fds.iter().map(|fd| fd.revents().is_some_and(|r| !r.is_empty()));
+        let ready = poll_until(&mut fds, deadline).map_err(|e| MountError::Io { what: "waiting for the worker".into(), source: e.into() })?;
+        let mut events = ready.into_iter();
         let control = events.next().unwrap_or(false);
         let worker = watched[0].is_some() && events.next().unwrap_or(false);
         let upgrade = watched[1].is_some() && events.next().unwrap_or(false);
-        let ready_pids = |events: &mut dyn Iterator<Item = bool>, workers: &[Worker]| workers.iter().zip(events).filter(|(_, ready)| *ready).map(|(w, _)| w.pid).collect();
+        let ready_pids = |events: &mut std::vec::IntoIter<bool>, workers: &[Worker]| workers.iter().zip(events).filter(|(_, ready)| *ready).map(|(w, _)| w.pid).collect();
         let standbys = ready_pids(&mut events, &self.standbys);
         let retiring = ready_pids(&mut events, &self.retiring);
         Ok(Ready { worker, control, upgrade, standbys, retiring })
