@@ -16,16 +16,16 @@ pub struct PhoenixMount {
 
 impl PhoenixMount {
     /// Mounts `image` from `store` with `cache` as its cache directory, plus `extra` options.
-    pub fn new(image: &Path, store: &Path, cache: &Path, extra: &[&str]) -> Self {
+    pub fn new(image: impl AsRef<OsStr>, store: impl AsRef<OsStr>, cache: &Path, extra: &[&str]) -> Self {
         Self::with_env(image, store, cache, extra, &[])
     }
 
     /// The same, with `env` added to the environment of `phoenixfs mount` (and so of the
     /// holder and every worker it starts).
-    pub fn with_env(image: &Path, store: &Path, cache: &Path, extra: &[&str], env: &[(&str, &OsStr)]) -> Self {
+    pub fn with_env(image: impl AsRef<OsStr>, store: impl AsRef<OsStr>, cache: &Path, extra: &[&str], env: &[(&str, &OsStr)]) -> Self {
         let dir = tempfile::tempdir().expect("mount point");
         let mut mount = phoenixfs();
-        mount.envs(env.iter().copied()).arg("mount").arg(image).arg(dir.path()).arg("--store").arg(store).arg("--cache").arg(cache).args(extra);
+        mount.envs(env.iter().copied()).arg("mount").arg(image.as_ref()).arg(dir.path()).arg("--store").arg(store.as_ref()).arg("--cache").arg(cache).args(extra);
         run_ok(&mut mount);
         let status = Self::status_of(dir.path());
         PhoenixMount { dir, holder_pid: status["holder_pid"].as_u64().expect("holder pid") as u32 }

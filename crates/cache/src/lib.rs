@@ -15,30 +15,44 @@
 //!    reader holds lives on in memory whatever happens to its file;
 //! 4. the store. A chunk loaded from disk or the store goes into the shared region as well.
 //!
+//! Fetches follow NFS's hard mount: a store that is down, slow or sends bad bytes is asked
+//! again, with capped exponential backoff and jitter, for as long as it takes (readers stall,
+//! they never fail), unless a [`FetchPolicy::deadline`] says otherwise. Only a definite
+//! answer (a healthy store that does not have the chunk) fails a read, after a few tries.
+//!
 //! Must never: serve bytes that did not match their digest, hold a lock while fetching, or
 //! know about FUSE, images or paths inside images.
 
 pub mod shared;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use phoenixfs_format::chunk::decode_chunk;
 use phoenixfs_format::{ChunkEntry, Digest};
-use phoenixfs_store::{ChunkStore, StoreError};
+use phoenixfs_store::ChunkStore;
 use thiserror::Error;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 pub use crate::shared::{process_alive, SharedChunks};
 
-/// Fetch attempts before a chunk is given up on (the store may be restarting, or flaky).
-const FETCH_ATTEMPTS: u32 = 5;
+/// Tries before a chunk the store says it does not have is given up on (a store being
+/// filled, or an eventually consistent one, may have it a moment later).
+const NOT_FOUND_ATTEMPTS: u32 = 5;
 const FIRST_BACKOFF: Duration = Duration::from_millis(20);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// How long a fetch keeps trying.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FetchPolicy {
+    /// Fail a chunk the store cannot deliver after this long; None (the default): never.
+    pub deadline: Option<Duration>,
+}
 
 #[derive(Debug, Error, Clone)]
 pub enum CacheError {
@@ -46,6 +60,8 @@ pub enum CacheError {
     Corrupt { digest: Digest, attempts: u32, detail: String },
     #[error("chunk {digest}: {detail}")]
     Store { digest: Digest, detail: String },
+    #[error("chunk {digest}: gave up after {waited:?} (the fetch deadline): {detail}")]
+    Deadline { digest: Digest, waited: Duration, detail: String },
     #[error("cache directory {}: {detail}", path.display())]
     Io { path: PathBuf, detail: String },
     #[error("chunk {digest}: loading it panicked")]
@@ -67,6 +83,51 @@ pub struct CacheStats {
     pub corrupt_discarded: AtomicU64,
     /// Chunk files removed to stay under the size limit.
     pub evictions: AtomicU64,
+    /// Fetches that failed and were tried again.
+    pub fetch_retries: AtomicU64,
+    /// Failed fetches by kind ([`phoenixfs_store::StoreError::kind`], or "corrupt" for bad bytes).
+    pub fetch_errors: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+/// The fetches from the store under way now.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FetchesInFlight {
+    pub in_flight: u64,
+    /// Those that failed at least once and are being tried again.
+    pub retrying: u64,
+    /// How long the oldest has been going.
+    pub oldest: Option<Duration>,
+}
+
+/// One fetch under way: when it began and whether it has failed yet.
+struct Fetching {
+    started: Instant,
+    retrying: bool,
+}
+
+/// Registers a fetch as under way, and unregisters it however the fetch ends.
+struct FetchingGuard<'a> {
+    cache: &'a ChunkCache,
+    digest: Digest,
+}
+
+impl<'a> FetchingGuard<'a> {
+    fn begin(cache: &'a ChunkCache, digest: Digest, started: Instant) -> Self {
+        cache.fetching.lock().unwrap_or_else(|p| p.into_inner()).insert(digest, Fetching { started, retrying: false });
+        FetchingGuard { cache, digest }
+    }
+}
+
+impl Drop for FetchingGuard<'_> {
+    fn drop(&mut self) {
+        self.cache.fetching.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.digest);
+    }
+}
+
+/// Sleeps between half and all of `backoff`, so that readers who failed together do not all
+/// come back at once.
+fn continue_after(backoff: Duration) {
+    std::thread::sleep(backoff.mul_f64(rand::random_range(0.5..=1.0)));
 }
 
 struct Flight {
@@ -92,6 +153,8 @@ pub struct ChunkCache {
     memory_limit: u64,
     shared: Option<SharedChunks>,
     inner: Mutex<Inner>,
+    fetching: Mutex<HashMap<Digest, Fetching>>,
+    policy: FetchPolicy,
     pub stats: CacheStats,
 }
 
@@ -130,7 +193,32 @@ impl ChunkCache {
         fs::create_dir_all(&tmp).map_err(io_error(&tmp))?;
         // Uses from now on rank above every file found by `index_disk`, whenever it runs.
         let inner = Inner { tick: FIRST_LIVE_TICK, ..Inner::default() };
-        Ok(ChunkCache { dir: dir.to_path_buf(), tmp, disk_limit, memory_limit, shared, inner: Mutex::new(inner), stats: CacheStats::default() })
+        Ok(ChunkCache {
+            dir: dir.to_path_buf(),
+            tmp,
+            disk_limit,
+            memory_limit,
+            shared,
+            inner: Mutex::new(inner),
+            fetching: Mutex::new(HashMap::new()),
+            policy: FetchPolicy::default(),
+            stats: CacheStats::default(),
+        })
+    }
+
+    /// The same cache with fetches following `policy`.
+    pub fn with_policy(self, policy: FetchPolicy) -> Self {
+        ChunkCache { policy, ..self }
+    }
+
+    /// The fetches from the store under way now, for status.
+    pub fn fetches_in_flight(&self) -> FetchesInFlight {
+        let fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+        FetchesInFlight {
+            in_flight: fetching.len() as u64,
+            retrying: fetching.values().filter(|f| f.retrying).count() as u64,
+            oldest: fetching.values().map(|f| f.started.elapsed()).max(),
+        }
     }
 
     /// Indexes the chunk files on disk (oldest first by mtime, older than any use since
@@ -293,42 +381,57 @@ impl ChunkCache {
         }
     }
 
+    /// Fetches and verifies a chunk, asking again after any failure but a definite "not
+    /// there" (bounded) or the policy's deadline.
     fn fetch(&self, entry: &ChunkEntry, store: &dyn ChunkStore) -> Result<Vec<u8>, CacheError> {
+        let digest = entry.digest;
+        let started = Instant::now();
+        let _fetching = FetchingGuard::begin(self, digest, started);
         let mut backoff = FIRST_BACKOFF;
-        let mut last_error = String::new();
-        let mut corrupt = false;
-        for attempt in 1..=FETCH_ATTEMPTS {
-            match store.get_chunk(&entry.digest) {
+        let mut not_found = 0;
+        for attempt in 1u32.. {
+            let (kind, detail, corrupt) = match store.get_chunk(&digest) {
                 Ok(stored) => match decode_chunk(entry, &stored) {
                     Ok(data) => {
                         self.stats.fetches.fetch_add(1, Ordering::Relaxed);
                         self.stats.fetched_bytes.fetch_add(stored.len() as u64, Ordering::Relaxed);
-                        debug!(chunk = %entry.digest, bytes = stored.len(), "fetched");
+                        debug!(chunk = %digest, bytes = stored.len(), attempt, "fetched");
                         return Ok(data);
                     }
-                    Err(e) => {
-                        warn!(chunk = %entry.digest, attempt, error = %e, "store returned a bad chunk");
-                        (corrupt, last_error) = (true, e.to_string());
-                    }
+                    Err(e) => ("corrupt", e.to_string(), true),
                 },
-                Err(e @ StoreError::NotFound { .. }) => {
-                    (corrupt, last_error) = (false, e.to_string());
+                Err(e) if e.is_definite() => {
+                    self.count_error(e.kind());
+                    not_found += 1;
+                    if not_found >= NOT_FOUND_ATTEMPTS {
+                        error!(chunk = %digest, store = store.location(), error = %e, "the store does not have a chunk the image needs");
+                        return Err(CacheError::Store { digest, detail: e.to_string() });
+                    }
+                    continue_after(backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
                 }
-                Err(e) => {
-                    warn!(chunk = %entry.digest, attempt, error = %e, "fetch failed");
-                    (corrupt, last_error) = (false, e.to_string());
-                }
+                Err(e) => (e.kind(), e.to_string(), false),
+            };
+            self.count_error(kind);
+            warn!(chunk = %digest, store = store.location(), attempt, kind, error = %detail, retry_in_ms = backoff.as_millis() as u64, "fetch failed; trying again");
+            if let Some(deadline) = self.policy.deadline.filter(|d| started.elapsed() >= *d) {
+                error!(chunk = %digest, store = store.location(), waited_ms = deadline.as_millis() as u64, error = %detail, "fetch deadline passed; failing the read");
+                return Err(match corrupt {
+                    true => CacheError::Corrupt { digest, attempts: attempt, detail },
+                    false => CacheError::Deadline { digest, waited: started.elapsed(), detail },
+                });
             }
-            if attempt < FETCH_ATTEMPTS {
-                std::thread::sleep(backoff);
-                backoff *= 2;
-            }
+            self.stats.fetch_retries.fetch_add(1, Ordering::Relaxed);
+            self.fetching.lock().unwrap_or_else(|p| p.into_inner()).entry(digest).and_modify(|f| f.retrying = true);
+            continue_after(backoff);
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
-        if corrupt {
-            Err(CacheError::Corrupt { digest: entry.digest, attempts: FETCH_ATTEMPTS, detail: last_error })
-        } else {
-            Err(CacheError::Store { digest: entry.digest, detail: last_error })
-        }
+        unreachable!("the loop only ends by returning")
+    }
+
+    fn count_error(&self, kind: &'static str) {
+        *self.stats.fetch_errors.lock().unwrap_or_else(|p| p.into_inner()).entry(kind).or_default() += 1;
     }
 
     fn store_on_disk(&self, digest: &Digest, data: &[u8]) -> Result<(), CacheError> {

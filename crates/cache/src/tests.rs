@@ -69,19 +69,53 @@ fn torn_and_flipped_cache_files_are_fetched_again() {
 }
 
 #[test]
-fn a_store_that_keeps_returning_bad_data_gives_an_error_naming_the_chunk() {
+fn bad_data_from_the_store_stalls_the_reader_until_the_store_is_good() {
     let dir = tempfile::tempdir().unwrap();
     let cache = ChunkCache::open(dir.path(), 1 << 30, 1 << 30, None).unwrap();
     let store = MemoryStore::new();
-    let (entry, _) = chunk(&store, 11, 3000);
+    let (entry, data) = chunk(&store, 11, 3000);
+    store.corrupt_reads.store(true, Ordering::Relaxed);
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(|| cache.get(&entry, &store));
+        while store.chunk_reads.load(Ordering::SeqCst) < 4 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let during = cache.fetches_in_flight();
+        assert_eq!((during.in_flight, during.retrying), (1, 1), "{during:?}");
+        assert!(!cache.contains(&entry.digest), "nothing bad is kept");
+        store.corrupt_reads.store(false, Ordering::Relaxed);
+        assert_eq!(*reader.join().unwrap().unwrap(), data[..]);
+    });
+    assert!(cache.stats.fetch_retries.load(Ordering::Relaxed) >= 3);
+    assert!(cache.stats.fetch_errors.lock().unwrap()["corrupt"] >= 3);
+    assert_eq!(cache.fetches_in_flight(), FetchesInFlight::default());
+}
+
+#[test]
+fn a_fetch_deadline_turns_a_long_outage_into_an_error_naming_the_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = FetchPolicy { deadline: Some(Duration::from_millis(200)) };
+    let cache = ChunkCache::open(dir.path(), 1 << 30, 1 << 30, None).unwrap().with_policy(policy);
+    let store = MemoryStore::new();
+    let (entry, _) = chunk(&store, 12, 3000);
     store.corrupt_reads.store(true, Ordering::Relaxed);
     let err = cache.get(&entry, &store).unwrap_err();
     assert!(matches!(err, CacheError::Corrupt { .. }), "{err}");
     assert!(err.to_string().contains(&entry.digest.to_hex()));
-    assert_eq!(store.chunk_reads.load(Ordering::SeqCst), u64::from(FETCH_ATTEMPTS));
-    assert!(!cache.contains(&entry.digest), "nothing bad is kept");
     store.corrupt_reads.store(false, Ordering::Relaxed);
     assert!(cache.get(&entry, &store).is_ok(), "a later read succeeds once the store is good");
+}
+
+#[test]
+fn a_chunk_the_store_does_not_have_fails_after_a_few_tries() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = ChunkCache::open(dir.path(), 1 << 30, 1 << 30, None).unwrap();
+    let store = MemoryStore::new();
+    let (entry, _) = chunk(&MemoryStore::new(), 13, 3000);
+    let err = cache.get(&entry, &store).unwrap_err();
+    assert!(err.to_string().contains("not in store memory"), "{err}");
+    assert_eq!(store.chunk_reads.load(Ordering::SeqCst), u64::from(NOT_FOUND_ATTEMPTS));
+    assert_eq!(cache.stats.fetch_errors.lock().unwrap()["not_found"], u64::from(NOT_FOUND_ATTEMPTS));
 }
 
 #[test]

@@ -5,13 +5,15 @@
 //! would need too; that lives in the library crates.
 
 mod commands;
-mod image_arg;
+mod args;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use phoenixfs_store::StoreUrl;
 
 #[derive(Parser)]
 #[command(name = "phoenixfs", version, about = "Lazy-loading, kill-proof read-only file system images")]
@@ -29,9 +31,9 @@ enum Command {
     Build {
         /// The directory to pack.
         src: PathBuf,
-        /// The chunk store (a local directory; created when missing).
-        #[arg(long)]
-        store: PathBuf,
+        /// The chunk store: a local directory (created when missing) or s3://BUCKET/PREFIX.
+        #[arg(long, value_parser = args::parse_store)]
+        store: StoreUrl,
         /// Where to write the image file.
         #[arg(short = 'o', long = "output")]
         output: PathBuf,
@@ -46,8 +48,8 @@ enum Command {
     Inspect {
         /// An image file, or an image id in --store.
         image: String,
-        #[arg(long)]
-        store: Option<PathBuf>,
+        #[arg(long, value_parser = args::parse_store)]
+        store: Option<StoreUrl>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -56,16 +58,37 @@ enum Command {
     Check {
         /// An image file, or an image id in --store.
         image: String,
-        #[arg(long)]
-        store: PathBuf,
+        #[arg(long, value_parser = args::parse_store)]
+        store: StoreUrl,
+    },
+    /// Copy an image and the chunks a store lacks to that store (run it again after an
+    /// interruption: it sends only what is missing).
+    Push {
+        /// An image file, or an image id in --store.
+        image: String,
+        /// The store the image's chunks are in.
+        #[arg(long, value_parser = args::parse_store)]
+        store: Option<StoreUrl>,
+        /// The store to copy to: a local directory or s3://BUCKET/PREFIX[?endpoint=URL].
+        #[arg(long, value_parser = args::parse_store)]
+        to: StoreUrl,
+        /// Uploads at once.
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
+        jobs: u16,
     },
     /// Mount an image; its chunks are fetched from STORE when first read.
     Mount {
         /// An image file, or an image id in --store.
         image: String,
         mountpoint: PathBuf,
-        #[arg(long)]
-        store: PathBuf,
+        /// The chunk store: a local directory, s3://BUCKET/PREFIX[?endpoint=URL&region=NAME],
+        /// or http(s)://HOST/PATH. Give it again for mirrors, tried in turn when one fails.
+        #[arg(long, value_parser = args::parse_store, required = true)]
+        store: Vec<StoreUrl>,
+        /// Fail a read with EIO when its data cannot be fetched for this long (like 30s);
+        /// by default a read waits for a store that is down, as on an NFS hard mount.
+        #[arg(long, value_parser = args::parse_duration)]
+        fetch_deadline: Option<Duration>,
         /// Cache directory [default: $XDG_CACHE_HOME/phoenixfs or /var/cache/phoenixfs].
         #[arg(long)]
         cache: Option<PathBuf>,
@@ -143,8 +166,8 @@ enum Command {
     Blob {
         /// An image file, or an image id in --store.
         image: String,
-        #[arg(long)]
-        store: PathBuf,
+        #[arg(long, value_parser = args::parse_store)]
+        store: StoreUrl,
         #[arg(short = 'o', long = "output")]
         output: PathBuf,
     },
@@ -159,14 +182,17 @@ fn main() -> ExitCode {
         Command::Build { src, store, output, chunk_size, zstd_level } => {
             commands::build::run(&src, &store, &output, chunk_size, zstd_level)
         }
-        Command::Inspect { image, store, json } => commands::inspect::run(&image, store.as_deref(), json),
+        Command::Inspect { image, store, json } => commands::inspect::run(&image, store.as_ref(), json),
+        Command::Push { image, store, to, jobs } => commands::push::run(&image, store.as_ref(), &to, usize::from(jobs)),
         Command::Check { image, store } => commands::check::run(&image, &store),
         Command::Blob { image, store, output } => commands::blob::run(&image, &store, &output),
         Command::Mount { image, mountpoint, store, cache, cache_size, fscache: true, domain, fscache_dir, .. } => {
+            let (store, mirrors) = commands::mount::store_arguments(&store);
             commands::fscache::mount(phoenixfs_daemon::fscache::FscacheMount {
                 image: commands::mount::image_argument(&image),
                 mountpoint,
                 store,
+                mirrors,
                 cache_dir: commands::mount::cache_dir(cache),
                 cache_limit: cache_size,
                 domain,
@@ -174,11 +200,12 @@ fn main() -> ExitCode {
                 log_level: cli.verbose,
             })
         }
-        Command::Mount { image, mountpoint, store, cache, cache_size, memory_cache, foreground, prefetch, prefetch_all, readahead, threads, .. } => {
+        Command::Mount { image, mountpoint, store, fetch_deadline, cache, cache_size, memory_cache, foreground, prefetch, prefetch_all, readahead, threads, .. } => {
             commands::mount::run(commands::mount::MountArgs {
                 image,
                 mountpoint,
                 store,
+                fetch_deadline,
                 cache,
                 cache_size,
                 memory_cache,

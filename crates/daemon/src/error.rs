@@ -29,6 +29,10 @@ pub enum MountError {
     Image(#[from] ImageLoadError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("store {store} does not have chunk {chunk} of image {image}: was the image pushed there?")]
+    StoreLacks { store: String, image: String, chunk: String },
+    #[error("store {store} does not answer: {source}")]
+    StoreDown { store: String, source: StoreError },
     #[error("the mount's image in memory: {0}")]
     ImageMemory(String),
     #[error("the {what} did not start: {cause}")]

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use phoenixfs_format::{ImageBytes, ImageFile, ImageId};
-use phoenixfs_store::{load_image, LocalStore};
+use phoenixfs_store::{load_image, ChunkStore};
 
 use crate::error::MountError;
 use crate::spec::MountSpec;
@@ -24,10 +24,23 @@ const IMMUTABLE: SealFlag = SealFlag::F_SEAL_WRITE.union(SealFlag::F_SEAL_SHRINK
 /// Loads and fully verifies the image `spec` names, and seals a copy of its bytes into a
 /// memfd. Returns the memfd, the image's id and its chunk size.
 pub(crate) fn load_and_seal(spec: &MountSpec) -> Result<(OwnedFd, ImageId, usize), MountError> {
-    let store = LocalStore::open(&spec.store)?;
-    let image = load_image(&spec.image, Some(&store))?;
+    let store = spec.open_store()?;
+    let image = load_image(&spec.image, Some(store.as_ref()))?;
+    probe_store(store.as_ref(), &image)?;
     let fd = seal(image.bytes()).map_err(|source| MountError::Io { what: "copying the image into memory".into(), source })?;
     Ok((fd, image.id, image.table.chunk_size() as usize))
+}
+
+/// Asks the store for the image's first chunk, so that a store that is wrong or down is a
+/// mount that fails with its reason, not one that stalls its first reader.
+pub(crate) fn probe_store(store: &dyn ChunkStore, image: &ImageFile) -> Result<(), MountError> {
+    let Some(first) = image.table.entries().next() else { return Ok(()) };
+    let first = first.map_err(|e| MountError::ImageMemory(e.to_string()))?;
+    match store.chunk_len(&first.digest) {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(MountError::StoreLacks { store: store.location(), image: image.id.to_string(), chunk: first.digest.to_hex() }),
+        Err(source) => Err(MountError::StoreDown { store: store.location(), source }),
+    }
 }
 
 /// A copy of `bytes` in a memfd sealed against any change.

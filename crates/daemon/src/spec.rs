@@ -3,6 +3,11 @@
 
 use std::path::PathBuf;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use phoenixfs_cache::FetchPolicy;
+use phoenixfs_store::{ChunkStore, StoreError, StoreUrl};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,7 +24,14 @@ pub enum Prefetch {
 pub struct MountSpec {
     /// An image file path or an image id in `store` (see `phoenixfs_store::load_image`).
     pub image: String,
-    pub store: PathBuf,
+    /// The store's URL (a `phoenixfs_store::StoreUrl`; a local one absolute).
+    pub store: String,
+    /// Copies of the store, tried in turn when it fails.
+    #[serde(default)]
+    pub mirrors: Vec<String>,
+    /// Fail a read whose chunk the store cannot deliver for this long (None: wait forever).
+    #[serde(default)]
+    pub fetch_deadline_ms: Option<u64>,
     pub cache_dir: PathBuf,
     pub cache_limit: u64,
     /// Bytes of chunk memory shared by the mount's worker generations (0: none).
@@ -37,12 +49,31 @@ pub struct MountSpec {
     pub log_level: u8,
 }
 
+impl MountSpec {
+    /// The store and its mirrors, opened without a request.
+    pub fn open_store(&self) -> Result<Arc<dyn ChunkStore>, StoreError> {
+        open_store(&self.store, &self.mirrors)
+    }
+
+    pub fn fetch_policy(&self) -> FetchPolicy {
+        FetchPolicy { deadline: self.fetch_deadline_ms.map(Duration::from_millis) }
+    }
+}
+
+/// Opens the store `store` names, with its mirrors.
+pub fn open_store(store: &str, mirrors: &[String]) -> Result<Arc<dyn ChunkStore>, StoreError> {
+    let urls = std::iter::once(store).chain(mirrors.iter().map(String::as_str)).map(str::parse).collect::<Result<Vec<StoreUrl>, _>>()?;
+    phoenixfs_store::open_all(&urls)
+}
+
 #[cfg(test)]
 impl MountSpec {
     pub(crate) fn for_tests() -> Self {
         MountSpec {
             image: "image.phx".into(),
             store: "/store".into(),
+            mirrors: vec!["http://127.0.0.1:1/store".into()],
+            fetch_deadline_ms: Some(30_000),
             cache_dir: "/cache".into(),
             cache_limit: 1 << 30,
             memory_limit: 1 << 20,

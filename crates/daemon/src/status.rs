@@ -43,6 +43,19 @@ pub struct Status {
     pub cache_limit: u64,
     pub chunks_fetched: u64,
     pub fetched_bytes: u64,
+    /// Fetches from the store under way, those of them being retried after a failure, and
+    /// how long the oldest has been waiting (a stall readers feel when the store is down).
+    #[serde(default)]
+    pub fetches_in_flight: u64,
+    #[serde(default)]
+    pub fetches_retrying: u64,
+    #[serde(default)]
+    pub oldest_fetch_ms: f64,
+    /// Failed fetches (each was tried again unless it was a "not there"), by kind.
+    #[serde(default)]
+    pub fetch_retries: u64,
+    #[serde(default)]
+    pub store_errors: std::collections::BTreeMap<String, u64>,
     pub cache_hits: u64,
     pub cache_misses: u64,
     pub corrupt_cache_entries_discarded: u64,

@@ -12,7 +12,6 @@ use std::time::Duration;
 use phoenixfs_cache::{CacheError, ChunkCache, SharedChunks};
 use phoenixfs_format::{ExtentTarget, ImageId, InodeKind};
 use phoenixfs_fuse::{Ended, Session};
-use phoenixfs_store::LocalStore;
 use tracing::{info, warn};
 
 use crate::error::MountError;
@@ -123,7 +122,7 @@ pub fn run_worker() -> Result<(), MountError> {
 /// image or the cache: a takeover costs the same at any size.
 fn start_serving(state: &State, session: &Session, image: &OwnedFd, chunks: Option<&OwnedFd>) -> Result<Arc<ImageFs>, MountError> {
     let spec = &state.spec;
-    let store = LocalStore::open(&spec.store)?;
+    let store = spec.open_store()?;
     let image_id: ImageId = state.image_id.parse().map_err(|_| MountError::ImageMemory(format!("the state names no image id ({:?})", state.image_id)))?;
     let image = image_memory::map(image, image_id)?;
     let shared = chunks.and_then(adopt_shared_chunks);
@@ -133,9 +132,9 @@ fn start_serving(state: &State, session: &Session, image: &OwnedFd, chunks: Opti
         (Some(_), _) | (None, 0) => PRIVATE_MEMORY,
         (None, limit) => limit,
     };
-    let cache = Arc::new(ChunkCache::open_unindexed(&spec.cache_dir, spec.cache_limit, private_limit, shared)?);
+    let cache = Arc::new(ChunkCache::open_unindexed(&spec.cache_dir, spec.cache_limit, private_limit, shared)?.with_policy(spec.fetch_policy()));
     resend_after_death(state, session)?;
-    let fs = ImageFs::new(Arc::new(image), Arc::new(store), cache, spec.readahead);
+    let fs = ImageFs::new(Arc::new(image), store, cache, spec.readahead);
     if state.takeover == Takeover::First && spec.prefetch != Prefetch::Nothing {
         let (fs, prefetch, progress) = (fs.clone(), spec.prefetch.clone(), spec.progress);
         spawn_thread("prefetch", move || prefetch_chunks(&fs, &prefetch, progress))?;
@@ -282,6 +281,8 @@ fn serve_status(session: &Arc<Session>, fs: &Arc<ImageFs>, link: &Arc<HolderLink
         let cache = &fs.cache;
         let (cache_chunks, cache_bytes) = cache.disk_usage();
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let fetches = cache.fetches_in_flight();
+        let store_errors = cache.stats.fetch_errors.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(kind, n)| (kind.to_string(), *n)).collect();
         Status {
             pid: std::process::id(),
             holder_pid: link.holder_pid.load(Ordering::Relaxed),
@@ -300,6 +301,11 @@ fn serve_status(session: &Arc<Session>, fs: &Arc<ImageFs>, link: &Arc<HolderLink
             cache_limit: spec.cache_limit,
             chunks_fetched: load(&cache.stats.fetches),
             fetched_bytes: load(&cache.stats.fetched_bytes),
+            fetches_in_flight: fetches.in_flight,
+            fetches_retrying: fetches.retrying,
+            oldest_fetch_ms: fetches.oldest.map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+            fetch_retries: load(&cache.stats.fetch_retries),
+            store_errors,
             cache_hits: load(&cache.stats.memory_hits) + load(&cache.stats.disk_hits),
             cache_misses: load(&cache.stats.fetches),
             corrupt_cache_entries_discarded: load(&cache.stats.corrupt_discarded),

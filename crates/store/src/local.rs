@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use phoenixfs_format::{Digest, ImageId};
 use tempfile::NamedTempFile;
 
-use crate::{ChunkStore, StoreError};
+use crate::{ChunkStore, Outage, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct LocalStore {
@@ -38,6 +38,12 @@ impl LocalStore {
         let probe = root.join("tmp");
         NamedTempFile::new_in(&probe).map_err(io_err("writing to store directory", &probe))?;
         Ok(LocalStore { root: root.to_path_buf() })
+    }
+
+    /// The store at `root` (an absolute path), not touched until used: a directory that is
+    /// missing then is an outage, like a server that is down.
+    pub fn at(root: &Path) -> Self {
+        LocalStore { root: root.to_path_buf() }
     }
 
     /// Opens an existing store for reading.
@@ -66,9 +72,20 @@ impl LocalStore {
 
     fn read_object(&self, path: &Path, what: &'static str, key: String) -> Result<Vec<u8>, StoreError> {
         fs::read(path).map_err(|source| match source.kind() {
-            io::ErrorKind::NotFound => StoreError::NotFound { store: self.location(), what, key },
+            io::ErrorKind::NotFound => self.not_found(what, key),
             _ => StoreError::Io { action: "reading", path: path.to_path_buf(), source },
         })
+    }
+
+    /// "Not there" is an answer only from a store that is there: when the store's own
+    /// directory is gone (unmounted, moved away), the store is down.
+    fn not_found(&self, what: &'static str, key: String) -> StoreError {
+        if self.root.join("chunks").is_dir() {
+            StoreError::NotFound { store: self.location(), what, key }
+        } else {
+            let detail = format!("its directory is gone (looking for {what} {key})");
+            StoreError::Unavailable { store: self.location(), outage: Outage::Unreachable, detail }
+        }
     }
 
     /// Writes `bytes` to a temporary file and renames it to `path`.
@@ -105,7 +122,10 @@ impl ChunkStore for LocalStore {
         let path = self.chunk_path(digest);
         match fs::metadata(&path) {
             Ok(meta) => Ok(Some(meta.len())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match self.not_found("chunk", digest.to_hex()) {
+                StoreError::NotFound { .. } => Ok(None),
+                outage => Err(outage),
+            },
             Err(e) => Err(StoreError::Io { action: "checking", path, source: e }),
         }
     }
@@ -142,5 +162,17 @@ mod tests {
         assert_eq!(store.get_chunk(&digest).unwrap(), b"abc");
         assert_eq!(store.chunk_len(&digest).unwrap(), Some(3));
         assert_eq!(fs::read_dir(dir.path().join("s/tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_store_directory_that_is_gone_is_an_outage_not_an_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::create(&dir.path().join("s")).unwrap();
+        let digest = Digest::of(b"abc");
+        assert!(store.get_chunk(&digest).unwrap_err().is_definite());
+        fs::rename(dir.path().join("s"), dir.path().join("away")).unwrap();
+        let err = store.get_chunk(&digest).unwrap_err();
+        assert!(!err.is_definite() && err.kind() == "unreachable", "{err}");
+        assert!(store.chunk_len(&digest).is_err());
     }
 }

@@ -5,14 +5,14 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use phoenixfs_format::chunk::decode_chunk;
-use phoenixfs_store::{ChunkStore, LocalStore};
+use phoenixfs_store::StoreUrl;
 
-use crate::image_arg;
+use crate::args;
 
 /// Materialises the blob: chunk i, verified, at offset i << chunk_bits; holes stay sparse.
-pub fn run(image: &str, store: &Path, output: &Path) -> Result<ExitCode> {
-    let store = LocalStore::open(store)?;
-    let file = image_arg::load(image, Some(&store))?;
+pub fn run(image: &str, store: &StoreUrl, output: &Path) -> Result<ExitCode> {
+    let store = args::open_store(store)?;
+    let file = args::load(image, Some(store.as_ref()))?;
     let out = File::create(output).with_context(|| format!("creating {}", output.display()))?;
     out.set_len(file.table.blob_len()).with_context(|| format!("sizing {}", output.display()))?;
     for (index, entry) in file.table.entries().enumerate() {

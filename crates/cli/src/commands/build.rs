@@ -6,12 +6,14 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use phoenixfs_builder::{build, BuildOptions};
 use phoenixfs_format::chunk::{MAX_CHUNK_BITS, MIN_CHUNK_BITS};
-use phoenixfs_store::LocalStore;
+use phoenixfs_store::StoreUrl;
 
-pub fn run(src: &Path, store: &Path, output: &Path, chunk_bits: u8, zstd_level: i32) -> Result<ExitCode> {
-    let store = LocalStore::create(store)?;
+use crate::args;
+
+pub fn run(src: &Path, store: &StoreUrl, output: &Path, chunk_bits: u8, zstd_level: i32) -> Result<ExitCode> {
+    let store = args::create_store(store)?;
     let options = BuildOptions { chunk_bits, zstd_level, progress: std::io::stderr().is_terminal() };
-    let built = build(src, &store, &options)?;
+    let built = build(src, store.as_ref(), &options)?;
     write_atomically(output, &built.image_file)?;
     let s = &built.stats;
     println!("{}", built.id);

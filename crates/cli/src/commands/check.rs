@@ -1,17 +1,16 @@
-use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use phoenixfs_format::summary::summarize;
-use phoenixfs_store::{verify_chunks, ChunkProblem, LocalStore};
+use phoenixfs_store::{verify_chunks, ChunkProblem, StoreUrl};
 
-use crate::image_arg;
+use crate::args;
 
-pub fn run(image: &str, store: &Path) -> Result<ExitCode> {
-    let store = LocalStore::open(store)?;
-    let file = image_arg::load(image, Some(&store))?;
+pub fn run(image: &str, store: &StoreUrl) -> Result<ExitCode> {
+    let store = args::open_store(store)?;
+    let file = args::load(image, Some(store.as_ref()))?;
     summarize(&file).with_context(|| format!("image {image} is corrupt"))?;
-    let problems = verify_chunks(&store, &file.table, &|_| {}).with_context(|| format!("image {image} is corrupt"))?;
+    let problems = verify_chunks(store.as_ref(), &file.table, &|_| {}).with_context(|| format!("image {image} is corrupt"))?;
     for (index, entry, problem) in &problems {
         match problem {
             ChunkProblem::Missing => eprintln!("missing chunk {} (blob chunk {index})", entry.digest),

@@ -41,7 +41,7 @@ fn print(status: &DaemonStatus) {
     for image in &status.images {
         println!("mountpoint   {} (EROFS over fscache, {})", image.mountpoint.display(), image.mount_options());
         println!("image        {} ({})", image.image, image.fsid);
-        println!("store        {}", image.store.display());
+        println!("store        {}", image.store);
         println!("chunk cache  {}", image.cache_dir.display());
     }
     println!("cache files  {}", status.cache_dir.display());

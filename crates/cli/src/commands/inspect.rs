@@ -1,15 +1,14 @@
-use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use phoenixfs_format::summary::summarize;
-use phoenixfs_store::LocalStore;
+use phoenixfs_store::StoreUrl;
 
-use crate::image_arg;
+use crate::args;
 
-pub fn run(image: &str, store: Option<&Path>, json: bool) -> Result<ExitCode> {
-    let store = store.map(LocalStore::open).transpose()?;
-    let file = image_arg::load(image, store.as_ref())?;
+pub fn run(image: &str, store: Option<&StoreUrl>, json: bool) -> Result<ExitCode> {
+    let store = store.map(args::open_store).transpose()?;
+    let file = args::load(image, store.as_deref())?;
     let s = summarize(&file).with_context(|| format!("image {image} is corrupt"))?;
     if json {
         let value = serde_json::json!({

@@ -4,4 +4,5 @@ pub mod check;
 pub mod fscache;
 pub mod inspect;
 pub mod mount;
+pub mod push;
 pub mod status;

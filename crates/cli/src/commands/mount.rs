@@ -5,13 +5,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use phoenixfs_daemon::{query_status, MountConfig, MountSpec, Prefetch, Unmounted};
-use phoenixfs_store::LocalStore;
+use phoenixfs_store::{LocalStore, StoreUrl};
 
 
 pub struct MountArgs {
     pub image: String,
     pub mountpoint: PathBuf,
-    pub store: PathBuf,
+    /// The store, then its mirrors.
+    pub store: Vec<StoreUrl>,
+    pub fetch_deadline: Option<Duration>,
     pub cache: Option<PathBuf>,
     pub cache_size: u64,
     pub memory_cache: u64,
@@ -40,6 +42,12 @@ pub fn image_argument(image: &str) -> String {
     }
 }
 
+/// The store's URL and its mirrors', as the daemon keeps them.
+pub fn store_arguments(stores: &[StoreUrl]) -> (String, Vec<String>) {
+    let mut urls = stores.iter().map(StoreUrl::to_string);
+    (urls.next().expect("clap requires a --store"), urls.collect())
+}
+
 /// The chunk cache directory, absolute: the one given, or the default.
 pub fn cache_dir(given: Option<PathBuf>) -> PathBuf {
     let dir = given.unwrap_or_else(default_cache_dir);
@@ -50,7 +58,12 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
     phoenixfs_daemon::preflight(&args.mountpoint)?;
     // The daemon loads and verifies the image once, before it mounts anything: a bad image
     // or store is reported then, in one line.
-    let store = LocalStore::open(&args.store)?;
+    for url in &args.store {
+        if let StoreUrl::Local(root) = url {
+            LocalStore::open(root)?;
+        }
+    }
+    let (store, mirrors) = store_arguments(&args.store);
     let image = image_argument(&args.image);
     let prefetch = match (&args.prefetch_list, args.prefetch_all) {
         (_, true) => Prefetch::All,
@@ -63,7 +76,9 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let spec = MountSpec {
         image,
-        store: store.root().to_path_buf(),
+        store,
+        mirrors,
+        fetch_deadline_ms: args.fetch_deadline.map(|d| d.as_millis() as u64),
         cache_dir: cache_dir(args.cache),
         cache_limit: args.cache_size,
         memory_limit: args.memory_cache,

@@ -10,6 +10,14 @@ fn print(status: &Status) {
     println!("store        {}", status.store);
     println!("cache        {} ({} chunks, {} of {} bytes)", status.cache_dir, status.cache_chunks, status.cache_bytes, status.cache_limit);
     println!("fetched      {} chunks, {} bytes", status.chunks_fetched, status.fetched_bytes);
+    println!(
+        "fetching     {} in flight, {} retrying, oldest {:.0} ms; {} retries",
+        status.fetches_in_flight, status.fetches_retrying, status.oldest_fetch_ms, status.fetch_retries
+    );
+    if !status.store_errors.is_empty() {
+        let kinds: Vec<String> = status.store_errors.iter().map(|(kind, n)| format!("{kind} {n}")).collect();
+        println!("store errors {}", kinds.join(", "));
+    }
     println!("cache        {} hits, {} misses, {} corrupt entries discarded", status.cache_hits, status.cache_misses, status.corrupt_cache_entries_discarded);
     println!("served       {} requests, {} bytes, {} errors", status.requests, status.bytes_served, status.errors);
     println!("log          {}", status.log);

@@ -9,11 +9,12 @@ use std::os::unix::fs::{symlink, MetadataExt};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::unistd::{lseek, Whence};
 use phoenixfs_builder::{build, BuildOptions};
-use phoenixfs_cache::ChunkCache;
+use phoenixfs_cache::{ChunkCache, FetchPolicy};
 use phoenixfs_format::ImageFile;
 use phoenixfs_fuse::{Filesystem, Piece, ROOT_NODEID};
 use phoenixfs_store::MemoryStore;
@@ -40,7 +41,8 @@ fn bytes(seed: u64, len: usize) -> Vec<u8> {
 }
 
 /// A tree with inline, single-chunk, multi-chunk and sparse files, a symlink, a nested
-/// directory and an xattr, built with 4 KiB chunks.
+/// directory and an xattr, built with 4 KiB chunks; served with a fetch deadline, so that a
+/// store that fails for good ends in an error (as with `mount --fetch-deadline`).
 fn fixture() -> Fixture {
     let src = tempfile::tempdir().unwrap();
     let root = src.path();
@@ -61,7 +63,8 @@ fn fixture() -> Fixture {
     let built = build(root, store.as_ref(), &BuildOptions { chunk_bits: 12, ..BuildOptions::default() }).unwrap();
     let image = ImageFile::decode(built.image_file).unwrap();
     let cache_dir = tempfile::tempdir().unwrap();
-    let cache = Arc::new(ChunkCache::open(cache_dir.path(), 1 << 30, 1 << 20, None).unwrap());
+    let policy = FetchPolicy { deadline: Some(Duration::from_millis(300)) };
+    let cache = Arc::new(ChunkCache::open(cache_dir.path(), 1 << 30, 1 << 20, None).unwrap().with_policy(policy));
     let fs = ImageFs::new(Arc::new(image), store.clone(), cache, 0);
     Fixture { src, _cache: cache_dir, store, fs }
 }
@@ -190,7 +193,7 @@ fn questions_without_an_answer_get_the_errno_a_kernel_file_system_gives() {
 }
 
 #[test]
-fn a_chunk_the_store_keeps_corrupting_is_an_error_counted_once_per_read() {
+fn a_chunk_the_store_keeps_corrupting_past_the_deadline_is_an_error_counted_once_per_read() {
     let fixture = fixture();
     let fs = as_trait(&fixture.fs);
     let node = walk(fs, "dir/sub/many-chunks").unwrap();

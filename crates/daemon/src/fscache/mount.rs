@@ -11,13 +11,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use phoenixfs_store::{load_image, LocalStore};
+use phoenixfs_store::load_image;
 
 use super::control::{request, ControlReply, ControlRequest, DaemonStatus};
 use super::registry::{self, Registration};
 use super::{log_path, FSCACHE_DIR};
 use crate::error::MountError;
 use crate::image_memory;
+use crate::spec::open_store;
 use crate::mount::check_mountpoint;
 
 /// How long a client waits for the daemon: to start, or to answer.
@@ -27,7 +28,9 @@ const DAEMON_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct FscacheMount {
     pub image: String,
     pub mountpoint: PathBuf,
-    pub store: PathBuf,
+    /// The store's URL (a local one absolute) and its mirrors'.
+    pub store: String,
+    pub mirrors: Vec<String>,
     pub cache_dir: PathBuf,
     pub cache_limit: u64,
     pub domain: Option<String>,
@@ -53,15 +56,17 @@ pub fn mount_fscache(spec: FscacheMount) -> Result<(), MountError> {
         return Err(MountError::NotRoot);
     }
     let mountpoint = check_mountpoint(&spec.mountpoint)?;
-    let store = LocalStore::open(&spec.store)?;
-    let image = load_image(&spec.image, Some(&store))?;
+    let store = open_store(&spec.store, &spec.mirrors)?;
+    let image = load_image(&spec.image, Some(store.as_ref()))?;
+    image_memory::probe_store(store.as_ref(), &image)?;
     let memfd = image_memory::seal(image.bytes()).map_err(|source| MountError::Io { what: "copying the image into memory".into(), source })?;
     ensure_daemon(&spec.fscache_dir, spec.log_level)?;
     let registration = Registration {
         fsid: image.id.to_string(),
         domain: spec.domain,
         image: spec.image,
-        store: store.root().to_path_buf(),
+        store: spec.store,
+        mirrors: spec.mirrors,
         cache_dir: spec.cache_dir,
         cache_limit: spec.cache_limit,
         mountpoint: mountpoint.clone(),

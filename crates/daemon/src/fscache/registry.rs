@@ -21,7 +21,10 @@ pub struct Registration {
     pub domain: Option<String>,
     /// The image: a file, or an image id in the store.
     pub image: String,
-    pub store: PathBuf,
+    /// The store's URL and its mirrors' (see `MountSpec::store`).
+    pub store: String,
+    #[serde(default)]
+    pub mirrors: Vec<String>,
     /// phoenixfs's chunk cache (the kernel's cache files are elsewhere).
     pub cache_dir: PathBuf,
     pub cache_limit: u64,
@@ -98,6 +101,7 @@ mod tests {
             domain: None,
             image: "/images/x".into(),
             store: "/store".into(),
+            mirrors: Vec::new(),
             cache_dir: "/cache".into(),
             cache_limit: 1 << 30,
             mountpoint: "/mnt/x".into(),

@@ -15,13 +15,14 @@ use nix::errno::Errno;
 use phoenixfs_cache::ChunkCache;
 use phoenixfs_cachefiles::{page_span, AlignedPages, Device, DeviceError, Message, Object, Request};
 use phoenixfs_format::{ImageFile, ImageId};
-use phoenixfs_store::{ChunkStore, LocalStore};
+use phoenixfs_store::ChunkStore;
 use tracing::{debug, info, warn};
 
 use super::control::WorkerStats;
 use super::ImageMemfds;
 use super::registry::{self, Registration};
 use crate::image_memory;
+use crate::spec::open_store;
 use crate::readahead::Readahead;
 
 /// Chunks this worker keeps in memory; the kernel's page cache and cache files do the rest.
@@ -54,7 +55,7 @@ impl Served {
     fn open(registration: Registration, memfd: OwnedFd) -> Result<Served, String> {
         let id: ImageId = registration.fsid.parse().map_err(|_| format!("the registration names no image id ({:?})", registration.fsid))?;
         let image = Arc::new(image_memory::map(&memfd, id).map_err(|e| e.to_string())?);
-        let store: Arc<dyn ChunkStore> = Arc::new(LocalStore::open(&registration.store).map_err(|e| e.to_string())?);
+        let store = open_store(&registration.store, &registration.mirrors).map_err(|e| e.to_string())?;
         let cache = Arc::new(ChunkCache::open_unindexed(&registration.cache_dir, registration.cache_limit, MEMORY_CACHE, None).map_err(|e| e.to_string())?);
         let readahead = Readahead::new(image.clone(), store.clone(), cache.clone(), READAHEAD);
         Ok(Served { registration, image, memfd, store, cache, readahead })
