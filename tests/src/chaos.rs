@@ -9,6 +9,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -365,6 +366,10 @@ pub struct ReaderTally {
     pub passes: u64,
 }
 
+/// The longest single read(2) any read reader did, in microseconds: the worst stall an
+/// application saw.
+static WORST_READ_US: AtomicU64 = AtomicU64::new(0);
+
 /// The body of a reader process: passes over every file of the manifest, beginning at file
 /// `start`, until `stop` exists and at least one whole pass is done. Every error and wrong
 /// byte is printed to stderr and counted. Prints its tally as JSON on stdout.
@@ -404,7 +409,14 @@ pub fn reader_main(mount: &Path, manifest: &Path, kind: ReaderKind, stop: &Path,
         }
         tally.passes += 1;
     }
-    println!("{{\"bytes\":{},\"files\":{},\"errors\":{},\"passes\":{}}}", tally.bytes, tally.files, tally.errors, tally.passes);
+    println!(
+        "{{\"bytes\":{},\"files\":{},\"errors\":{},\"passes\":{},\"worst_read_us\":{}}}",
+        tally.bytes,
+        tally.files,
+        tally.errors,
+        tally.passes,
+        WORST_READ_US.load(Ordering::Relaxed)
+    );
     tally
 }
 
@@ -441,7 +453,9 @@ fn sha256_by_read(path: &Path) -> io::Result<(String, u64)> {
     let mut buf = vec![0u8; 1 << 20];
     let mut len = 0u64;
     loop {
+        let started = Instant::now();
         let n = file.read(&mut buf)?;
+        WORST_READ_US.fetch_max(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         if n == 0 {
             // So that the next pass reads through the daemon again. A kernel without
             // fadvise (the cachefiles VM's) keeps the pages: the next pass is cheaper, not wrong.
@@ -548,6 +562,10 @@ pub struct Report {
     pub resent_after_upgrades: u64,
     /// Holders that ended without being killed (a crash the worker covered for).
     pub holder_deaths_unasked: usize,
+    /// Store servers killed and started again.
+    pub store_restarts: usize,
+    /// The longest single read(2) of a reader.
+    pub worst_read_ms: f64,
     pub elapsed: Duration,
 }
 
@@ -559,10 +577,11 @@ impl Report {
     pub fn summary(&self) -> String {
         let stall = |p| self.stall_percentile(p).map_or("-".into(), |ms| format!("{ms:.1} ms"));
         format!(
-            "worker kills {}, holder kills {}, upgrades {}; {} files, {} bytes verified in {:.1} s ({:.0} MiB/s), reader passes {:?}; errors {}, daemon errors {}, holders that died by themselves {}, resent after upgrades {}; stall median {}, p99 {}, worst {}",
+            "worker kills {}, holder kills {}, upgrades {}, store restarts {}; {} files, {} bytes verified in {:.1} s ({:.0} MiB/s), reader passes {:?}; errors {}, daemon errors {}, holders that died by themselves {}, resent after upgrades {}; stall median {}, p99 {}, worst {}; longest read(2) {:.0} ms",
             self.worker_kills,
             self.holder_kills,
             self.upgrades,
+            self.store_restarts,
             self.files_verified,
             self.bytes_verified,
             self.elapsed.as_secs_f64(),
@@ -575,6 +594,7 @@ impl Report {
             stall(0.5),
             stall(0.99),
             stall(1.0),
+            self.worst_read_ms,
         )
     }
 }
@@ -595,6 +615,11 @@ pub fn run(dataset: &Dataset, reader_bin: &Path, plan: &Plan, cache: &Path) -> R
         fs::remove_dir_all(cache).expect("emptying the cache");
     }
     let mount = PhoenixMount::new(&dataset.image, &dataset.store, cache, &[]);
+    run_on(&mount, dataset, reader_bin, plan)
+}
+
+/// [`run`] on a mount made already (from any store, with any options).
+pub fn run_on(mount: &PhoenixMount, dataset: &Dataset, reader_bin: &Path, plan: &Plan) -> Report {
     let stop = dataset.root.join(format!("stop-{}", std::process::id()));
     let _ = fs::remove_file(&stop);
     let started = Instant::now();
@@ -610,33 +635,55 @@ pub fn run(dataset: &Dataset, reader_bin: &Path, plan: &Plan, cache: &Path) -> R
     while event < plan.events || started.elapsed() < plan.min_duration {
         let (low, high) = plan.interval_ms;
         std::thread::sleep(Duration::from_millis(low + rng.next() % (high - low + 1)));
-        let status = current_status(&mount);
+        let status = current_status(mount);
         holders.insert(pid_of(&status, "holder_pid"));
         count_resent_after_upgrade(&status, &mut upgraded, &mut report);
         match plan.victim {
             Victim::Nobody => {}
-            Victim::Worker => kill_worker(&mount, &status, &mut report),
-            Victim::Holder => kill_holder(&mount, &status, &mut report),
-            Victim::Alternate if event % 2 == 0 => kill_holder(&mount, &status, &mut report),
-            Victim::Alternate => kill_worker(&mount, &status, &mut report),
-            Victim::Upgrade => upgraded = Some(upgrade(&mount, &mut report)),
+            Victim::Worker => kill_worker(mount, &status, &mut report),
+            Victim::Holder => kill_holder(mount, &status, &mut report),
+            Victim::Alternate if event % 2 == 0 => kill_holder(mount, &status, &mut report),
+            Victim::Alternate => kill_worker(mount, &status, &mut report),
+            Victim::Upgrade => upgraded = Some(upgrade(mount, &mut report)),
             Victim::Mixed => match event % 3 {
-                0 => kill_worker(&mount, &status, &mut report),
-                1 => upgraded = Some(upgrade(&mount, &mut report)),
-                _ => kill_holder(&mount, &status, &mut report),
+                0 => kill_worker(mount, &status, &mut report),
+                1 => upgraded = Some(upgrade(mount, &mut report)),
+                _ => kill_holder(mount, &status, &mut report),
             },
         }
         event += 1;
     }
-    count_resent_after_upgrade(&current_status(&mount), &mut upgraded, &mut report);
+    count_resent_after_upgrade(&current_status(mount), &mut upgraded, &mut report);
     finish_readers(&mut readers, &stop, &mut report);
     report.elapsed = started.elapsed();
-    let status = current_status(&mount);
+    let status = current_status(mount);
     holders.insert(pid_of(&status, "holder_pid"));
     report.holder_deaths_unasked = holders.len().saturating_sub(report.holder_kills + 1);
     report.daemon_errors = status["errors"].as_u64().unwrap_or(0);
     assert_eq!(status["worker_restarts"].as_u64(), Some(report.worker_kills as u64), "every worker kill is one restart");
     assert_eq!(status["upgrades"].as_u64(), Some(report.upgrades as u64), "every upgrade counted");
+    report
+}
+
+/// Readers over `mount` while `fault` happens (a store server killed and started again, say)
+/// `faults` times or more, each after a pause drawn from `interval_ms`; stops the readers after
+/// their current pass and reports. Nothing is done to the mount's own daemons.
+pub fn run_with_faults(mount: &PhoenixMount, dataset: &Dataset, reader_bin: &Path, readers: usize, faults: usize, interval_ms: (u64, u64), mut fault: impl FnMut()) -> Report {
+    let stop = dataset.root.join(format!("stop-{}", std::process::id()));
+    let _ = fs::remove_file(&stop);
+    let started = Instant::now();
+    let mut running = spawn_readers(dataset, reader_bin, mount.path(), readers, &stop);
+    let mut report = Report::default();
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    while report.store_restarts < faults {
+        let (low, high) = interval_ms;
+        std::thread::sleep(Duration::from_millis(low + rng.next() % (high - low + 1)));
+        fault();
+        report.store_restarts += 1;
+    }
+    finish_readers(&mut running, &stop, &mut report);
+    report.elapsed = started.elapsed();
+    report.daemon_errors = current_status(mount)["errors"].as_u64().unwrap_or(0);
     report
 }
 
@@ -684,6 +731,7 @@ pub(crate) fn finish_readers(readers: &mut Readers, stop: &Path, report: &mut Re
                 report.files_verified += tally["files"].as_u64().unwrap_or(0);
                 report.errors += tally["errors"].as_u64().unwrap_or(0);
                 report.reader_passes.push(tally["passes"].as_u64().unwrap_or(0));
+                report.worst_read_ms = report.worst_read_ms.max(tally["worst_read_us"].as_u64().unwrap_or(0) as f64 / 1000.0);
             }
             _ => {
                 eprintln!("reader {i} ended badly: {}", out.status);

@@ -11,6 +11,7 @@ pub mod fscache;
 pub mod kernel;
 pub mod mount;
 pub mod probe;
+pub mod servers;
 pub mod snapshot;
 pub mod trees;
 pub mod vm;
@@ -33,7 +34,7 @@ pub fn phoenixfs() -> Command {
 
 /// `target/<profile>`, found from the running executable: a test in `target/<profile>/deps/`
 /// or a binary in `target/<profile>/`.
-fn profile_dir() -> PathBuf {
+pub(crate) fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("executable path");
     let dir = exe.parent().expect("target/<profile>/...");
     if dir.ends_with("deps") { dir.parent().expect("target/<profile>") } else { dir }.to_path_buf()

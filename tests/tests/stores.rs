@@ -1,0 +1,225 @@
+//! Remote stores on real servers (SeaweedFS's S3 gateway, nginx), started on 127.0.0.1 by the
+//! test: build → push → mount by image id equals the source; servers SIGKILLed and started
+//! again under chaos readers; a 30 s outage in the middle of a read; worker kills while
+//! fetches from S3 are in flight. Pass: zero application errors, zero wrong bytes.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use phoenixfs_tests::chaos::{self, Dataset, Plan, Report, Victim};
+use phoenixfs_tests::mount::PhoenixMount;
+use phoenixfs_tests::servers::{Nginx, SeaweedFs};
+use phoenixfs_tests::snapshot::{assert_same, snapshot_dir};
+use phoenixfs_tests::{assert_one_line_error, build_image, fixture_dir, phoenixfs, run, run_ok, trees};
+use sha2::{Digest, Sha256};
+
+/// Servers, readers and the machine's two cores: one scenario at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Straight to stderr, past the test harness's capture: CI logs show the figures.
+fn print(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+fn push(image: &str, from: &Path, to: &str) {
+    run_ok(phoenixfs().arg("push").arg(image).arg("--store").arg(from).arg("--to").arg(to));
+}
+
+#[test]
+fn an_image_pushed_to_s3_or_served_by_nginx_mounts_by_id_and_equals_its_source() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let root = fixture_dir("stores-equal");
+    let src = root.join("src");
+    trees::all_cases(&src);
+    let source = snapshot_dir(&src);
+    let store = root.join("store");
+    let (_, id) = build_image(&src, &store, &root, &[]);
+
+    let seaweed = SeaweedFs::start();
+    seaweed.create_bucket("images");
+    let s3 = seaweed.store_url("images", "all-cases");
+    push(&id, &store, &s3);
+    let pushed_again = run(phoenixfs().arg("push").arg(&id).arg("--store").arg(&store).arg("--to").arg(&s3));
+    assert!(String::from_utf8_lossy(&pushed_again.stderr).contains(": 0 of "), "a second push sends nothing: {pushed_again:?}");
+    let mount = PhoenixMount::new(&id, &s3, &root.join("cache-s3"), &[]);
+    assert_same(&source, &snapshot_dir(mount.path()), "mount from S3 vs source");
+    drop(mount);
+
+    // A local store copied as it is, served by a plain web server.
+    let served = root.join("served");
+    push(&id, &store, served.to_str().unwrap());
+    let nginx = Nginx::serve(&served);
+    let mount = PhoenixMount::new(&id, nginx.url(), &root.join("cache-http"), &[]);
+    assert_same(&source, &snapshot_dir(mount.path()), "mount from nginx vs source");
+    drop(mount);
+
+    // Built straight into S3.
+    let small = root.join("small");
+    fs::create_dir_all(small.join("d")).unwrap();
+    fs::write(small.join("d/file"), trees::noise(9, 3 << 20)).unwrap();
+    let direct = seaweed.store_url("images", "direct");
+    let (_, direct_id) = build_image(&small, Path::new(&direct), &root, &[]);
+    let mount = PhoenixMount::new(&direct_id, &direct, &root.join("cache-direct"), &[]);
+    assert_same(&snapshot_dir(&small), &snapshot_dir(mount.path()), "image built into S3 vs source");
+}
+
+#[test]
+fn store_mistakes_are_one_line_each() {
+    let root = fixture_dir("stores-mistakes");
+    let out = run(phoenixfs().arg("build").arg(&root).arg("--store").arg("gs://bucket/x").arg("-o").arg(root.join("i")));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown scheme gs://"), "{out:?}");
+    assert!(!Path::new("gs:").exists(), "no local directory named after the scheme");
+    let src = root.join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), trees::noise(1, 100_000)).unwrap();
+    let (image, _) = build_image(&src, &root.join("store"), &root, &[]);
+    let nobody = format!("http://127.0.0.1:{}", phoenixfs_tests::servers::free_port());
+    let mnt = root.join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let out = run(phoenixfs().arg("mount").arg(&image).arg(&mnt).arg("--store").arg(&nobody).arg("--cache").arg(root.join("cache")));
+    assert_one_line_error(&out, &format!("store {nobody} does not answer"));
+    let empty = root.join("empty-store");
+    fs::create_dir_all(empty.join("chunks")).unwrap();
+    let out = run(phoenixfs().arg("mount").arg(&image).arg(&mnt).arg("--store").arg(&empty).arg("--cache").arg(root.join("cache")));
+    assert_one_line_error(&out, "does not have chunk");
+}
+
+/// sha256 of what `path` holds.
+fn sha256_of(path: &Path) -> String {
+    let mut file = File::open(path).unwrap();
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match file.read(&mut buf).unwrap() {
+            0 => return hex::encode(hasher.finalize()),
+            n => hasher.update(&buf[..n]),
+        }
+    }
+}
+
+/// Reads the first quarter of `file` in the mount, then `outage_begins`; reads the rest while
+/// the store is down for `outage`, then `outage_ends`. The reader must finish with the right
+/// bytes, and must have been stalled by the outage.
+fn read_through_an_outage(mount: &PhoenixMount, file: &str, expected: &str, outage: Duration, outage_begins: impl FnOnce(), outage_ends: impl FnOnce()) {
+    let path = mount.path().join(file);
+    let len = fs::metadata(&path).unwrap().len() as usize;
+    let mut reader = File::open(&path).unwrap();
+    let mut head = vec![0u8; len / 4];
+    reader.read_exact(&mut head).unwrap();
+    outage_begins();
+    let began = Instant::now();
+    let finished = std::thread::scope(|scope| {
+        let rest = scope.spawn(move || {
+            let mut rest = Vec::new();
+            reader.read_to_end(&mut rest).map(|_| (rest, Instant::now()))
+        });
+        std::thread::sleep(outage / 2);
+        let status = mount.status();
+        assert!(status["fetches_retrying"].as_u64().unwrap() > 0, "fetches wait for the store: {status}");
+        std::thread::sleep(outage - outage / 2);
+        assert!(!rest.is_finished(), "the reader cannot have finished while the store was down");
+        outage_ends();
+        rest.join().unwrap()
+    });
+    let (rest, done) = finished.unwrap_or_else(|e| panic!("the reader got an error: {e}"));
+    let mut hasher = Sha256::new();
+    hasher.update(&head);
+    hasher.update(&rest);
+    assert_eq!(hex::encode(hasher.finalize()), expected, "the reader's bytes");
+    let status = mount.status();
+    print(&format!(
+        "outage of {outage:?}: the reader finished {:.1} s after it began; {} fetch retries, store errors {}",
+        (done - began).as_secs_f64(),
+        status["fetch_retries"],
+        status["store_errors"]
+    ));
+    assert_eq!(status["errors"], 0);
+}
+
+#[test]
+fn a_30_second_outage_of_the_local_store_or_of_s3_is_a_stall() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let root = fixture_dir("stores-outage");
+    let src = root.join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("big"), trees::noise(77, 192 << 20)).unwrap();
+    let expected = sha256_of(&src.join("big"));
+    let store = root.join("store");
+    let (image, id) = build_image(&src, &store, &root, &[]);
+    let outage = Duration::from_secs(30);
+
+    let away = root.join("store-away");
+    let mount = PhoenixMount::new(&image, &store, &root.join("cache-local"), &["--readahead", "4M"]);
+    read_through_an_outage(&mount, "big", &expected, outage, || fs::rename(&store, &away).unwrap(), || fs::rename(&away, &store).unwrap());
+    drop(mount);
+
+    let mut seaweed = SeaweedFs::start();
+    seaweed.create_bucket("outage");
+    let s3 = seaweed.store_url("outage", "x");
+    push(&id, &store, &s3);
+    let mount = PhoenixMount::new(&id, &s3, &root.join("cache-s3"), &["--readahead", "4M"]);
+    let gateway = std::cell::RefCell::new(&mut seaweed.s3);
+    read_through_an_outage(&mount, "big", &expected, outage, || gateway.borrow_mut().kill(), || gateway.borrow_mut().start());
+}
+
+/// Prints a run's figures and checks its pass marks.
+fn check_report(name: &str, report: &Report, dataset: &Dataset) {
+    print(&format!("stores {name}: {}", report.summary()));
+    assert_eq!(report.errors, 0, "readers saw errors or wrong bytes");
+    assert_eq!(report.daemon_errors, 0, "the daemon answered requests with errors");
+    assert!(report.files_verified >= 4 * dataset.files as u64, "{} files verified", report.files_verified);
+    assert!(report.reader_passes.iter().all(|&passes| passes >= 1), "passes per reader: {:?}", report.reader_passes);
+}
+
+/// A small cache, so that chunks are evicted and fetched again all the time the servers die.
+const SMALL_CACHE: [&str; 4] = ["--cache-size", "48M", "--memory-cache", "0"];
+
+#[test]
+fn storage_servers_killed_under_readers_cost_stalls_not_errors() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dataset = chaos::vm_dataset();
+    let reader = Path::new(env!("CARGO_BIN_EXE_phoenixfs-chaos"));
+    let id = run_ok(phoenixfs().arg("inspect").arg(&dataset.image).arg("--json"));
+    let id = serde_json::from_str::<serde_json::Value>(&id).unwrap()["id"].as_str().unwrap().to_string();
+    let root = fixture_dir("stores-chaos");
+
+    let mut seaweed = SeaweedFs::start();
+    seaweed.create_bucket("chaos");
+    let s3 = seaweed.store_url("chaos", "vm");
+    push(&id, &dataset.store, &s3);
+    let mount = PhoenixMount::new(&id, &s3, &root.join("cache-s3"), &SMALL_CACHE);
+    let report = chaos::run_with_faults(&mount, &dataset, reader, 4, 20, (1000, 5000), || seaweed.s3.restart());
+    check_report("s3 gateway", &report, &dataset);
+    let report = chaos::run_with_faults(&mount, &dataset, reader, 4, 20, (1000, 5000), || seaweed.volumes[0].restart());
+    check_report("volume server", &report, &dataset);
+    drop(mount);
+
+    let nginx = std::cell::RefCell::new(Nginx::serve(&dataset.store));
+    let url = nginx.borrow().url();
+    let mount = PhoenixMount::new(&id, &url, &root.join("cache-http"), &SMALL_CACHE);
+    let report = chaos::run_with_faults(&mount, &dataset, reader, 4, 20, (1000, 5000), || nginx.borrow_mut().server.restart());
+    check_report("nginx", &report, &dataset);
+}
+
+#[test]
+fn worker_kills_while_fetching_from_s3_cost_nothing() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dataset = chaos::vm_dataset();
+    let reader = Path::new(env!("CARGO_BIN_EXE_phoenixfs-chaos"));
+    let id = run_ok(phoenixfs().arg("inspect").arg(&dataset.image).arg("--json"));
+    let id = serde_json::from_str::<serde_json::Value>(&id).unwrap()["id"].as_str().unwrap().to_string();
+    let root = fixture_dir("stores-worker-kills");
+    let seaweed = SeaweedFs::start();
+    seaweed.create_bucket("kills");
+    let s3 = seaweed.store_url("kills", "vm");
+    push(&id, &dataset.store, &s3);
+    let mount = PhoenixMount::new(&id, &s3, &root.join("cache"), &SMALL_CACHE);
+    let plan = Plan { victim: Victim::Worker, events: 30, min_duration: Duration::ZERO, interval_ms: (10, 500), readers: 4 };
+    let report = chaos::run_on(&mount, &dataset, reader, &plan);
+    check_report("worker kills, S3", &report, &dataset);
+    assert_eq!(report.worker_kills, 30);
+}
