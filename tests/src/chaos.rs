@@ -91,6 +91,11 @@ pub fn vm_dataset() -> Dataset {
     })
 }
 
+/// One 1 GiB file of noise, for the remote-store benchmark.
+pub fn store_bench_dataset() -> Dataset {
+    cached_dataset("store-bench-v1", |src| write_file(&src.join("data/file.bin"), &noise(41, 1 << 30)))
+}
+
 /// One 256 MiB file of noise, for reading speeds and probes inside the cachefiles VM.
 pub fn fscache_bench_dataset() -> Dataset {
     cached_dataset("fscache-bench-v1", |src| write_file(&src.join("data/file.bin"), &noise(31, 256 << 20)))
@@ -175,10 +180,10 @@ fn small_size(rng: &mut XorShift) -> usize {
 }
 
 /// Deterministic pseudo-random numbers for shaping trees and timing events.
-pub(crate) struct XorShift(pub(crate) u64);
+pub struct XorShift(pub u64);
 
 impl XorShift {
-    pub(crate) fn next(&mut self) -> u64 {
+    pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -562,8 +567,8 @@ pub struct Report {
     pub resent_after_upgrades: u64,
     /// Holders that ended without being killed (a crash the worker covered for).
     pub holder_deaths_unasked: usize,
-    /// Store servers killed and started again.
-    pub store_restarts: usize,
+    /// Faults done to the store (servers killed and started again, say).
+    pub store_faults: usize,
     /// The longest single read(2) of a reader.
     pub worst_read_ms: f64,
     pub elapsed: Duration,
@@ -577,11 +582,11 @@ impl Report {
     pub fn summary(&self) -> String {
         let stall = |p| self.stall_percentile(p).map_or("-".into(), |ms| format!("{ms:.1} ms"));
         format!(
-            "worker kills {}, holder kills {}, upgrades {}, store restarts {}; {} files, {} bytes verified in {:.1} s ({:.0} MiB/s), reader passes {:?}; errors {}, daemon errors {}, holders that died by themselves {}, resent after upgrades {}; stall median {}, p99 {}, worst {}; longest read(2) {:.0} ms",
+            "worker kills {}, holder kills {}, upgrades {}, store faults {}; {} files, {} bytes verified in {:.1} s ({:.0} MiB/s), reader passes {:?}; errors {}, daemon errors {}, holders that died by themselves {}, resent after upgrades {}; stall median {}, p99 {}, worst {}; longest read(2) {:.0} ms",
             self.worker_kills,
             self.holder_kills,
             self.upgrades,
-            self.store_restarts,
+            self.store_faults,
             self.files_verified,
             self.bytes_verified,
             self.elapsed.as_secs_f64(),
@@ -675,11 +680,11 @@ pub fn run_with_faults(mount: &PhoenixMount, dataset: &Dataset, reader_bin: &Pat
     let mut running = spawn_readers(dataset, reader_bin, mount.path(), readers, &stop);
     let mut report = Report::default();
     let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
-    while report.store_restarts < faults {
+    while report.store_faults < faults {
         let (low, high) = interval_ms;
         std::thread::sleep(Duration::from_millis(low + rng.next() % (high - low + 1)));
         fault();
-        report.store_restarts += 1;
+        report.store_faults += 1;
     }
     finish_readers(&mut running, &stop, &mut report);
     report.elapsed = started.elapsed();

@@ -188,29 +188,9 @@ pub fn shell_line(command: &Command) -> String {
 }
 
 /// Inside the guest, on an fscache mount at `mountpoint` of an image holding `file` (at
-/// least `2 * probes` MiB): `probes` times, kills the serving worker and at once reads 4 KiB
-/// of a chunk never read before; also reads as many such chunks with no kill. The latencies
-/// (ms): (after a kill, without one).
+/// least `2 * probes` MiB): [`crate::probe::reads_after_kills`] with its serving worker.
 pub fn probe_kills(mountpoint: &Path, file: &Path, probes: usize) -> (Vec<f64>, Vec<f64>) {
-    use std::os::unix::fs::FileExt;
-    let data = fs::File::open(file).expect("the probe file");
-    let mut buf = [0u8; 4096];
-    let mut read_at = |mib: u64| {
-        let started = Instant::now();
-        data.read_exact_at(&mut buf, mib << 20).expect("reading the probe file");
-        started.elapsed().as_secs_f64() * 1000.0
-    };
-    let mut after_kill = Vec::new();
-    let mut plain = Vec::new();
-    for i in 0..probes as u64 {
-        plain.push(read_at(2 * i));
-        let (worker, _) = serving_worker(mountpoint);
-        let killed = Instant::now();
-        kill(Pid::from_raw(worker), Signal::SIGKILL).expect("killing the worker");
-        read_at(2 * i + 1);
-        after_kill.push(killed.elapsed().as_secs_f64() * 1000.0);
-    }
-    (after_kill, plain)
+    crate::probe::reads_after_kills(file, probes, || serving_worker(mountpoint).0)
 }
 
 /// The reading benchmark, from the host: boots the cachefiles VM once and, in three

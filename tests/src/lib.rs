@@ -6,7 +6,9 @@
 
 pub use phoenixfs_daemon::process_alive;
 
+pub mod bench_stores;
 pub mod chaos;
+pub mod faultproxy;
 pub mod fscache;
 pub mod kernel;
 pub mod mount;

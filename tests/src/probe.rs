@@ -111,3 +111,28 @@ pub fn children_of(pid: i32) -> Vec<i32> {
         .flat_map(|list| list.split_whitespace().filter_map(|pid| pid.parse().ok()).collect::<Vec<i32>>())
         .collect()
 }
+
+/// On a mount holding `file` (at least `2 * probes` MiB), `probes` times: kills the worker
+/// `worker()` names and at once reads 4 KiB of a chunk never read before; also reads as many
+/// such chunks with no kill. The latencies (ms): (after a kill, without one).
+pub fn reads_after_kills(file: &Path, probes: usize, mut worker: impl FnMut() -> i32) -> (Vec<f64>, Vec<f64>) {
+    use std::os::unix::fs::FileExt;
+    let data = fs::File::open(file).expect("the probe file");
+    let mut buf = [0u8; 4096];
+    let mut read_at = |mib: u64| {
+        let started = Instant::now();
+        data.read_exact_at(&mut buf, mib << 20).expect("reading the probe file");
+        started.elapsed().as_secs_f64() * 1000.0
+    };
+    let mut after_kill = Vec::new();
+    let mut plain = Vec::new();
+    for i in 0..probes as u64 {
+        plain.push(read_at(2 * i));
+        let victim = worker();
+        let killed = Instant::now();
+        kill(Pid::from_raw(victim), Signal::SIGKILL).expect("killing the worker");
+        read_at(2 * i + 1);
+        after_kill.push(killed.elapsed().as_secs_f64() * 1000.0);
+    }
+    (after_kill, plain)
+}

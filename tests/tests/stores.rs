@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use phoenixfs_tests::chaos::{self, Dataset, Plan, Report, Victim};
+use phoenixfs_tests::faultproxy::{FaultProxy, ALL_FAULTS};
 use phoenixfs_tests::mount::PhoenixMount;
 use phoenixfs_tests::servers::{Nginx, SeaweedFs};
 use phoenixfs_tests::snapshot::{assert_same, snapshot_dir};
@@ -166,9 +167,13 @@ fn a_30_second_outage_of_the_local_store_or_of_s3_is_a_stall() {
     read_through_an_outage(&mount, "big", &expected, outage, || gateway.borrow_mut().kill(), || gateway.borrow_mut().start());
 }
 
-/// Prints a run's figures and checks its pass marks.
-fn check_report(name: &str, report: &Report, dataset: &Dataset) {
-    print(&format!("stores {name}: {}", report.summary()));
+/// Prints a run's figures and checks its pass marks: among them, that the store was read
+/// all along (chunks fetched again and again, the cache being small).
+fn check_report(name: &str, report: &Report, dataset: &Dataset, mount: &PhoenixMount, fetched_before: u64) {
+    let status = mount.status();
+    let fetched = status["fetched_bytes"].as_u64().unwrap() - fetched_before;
+    print(&format!("stores {name}: {}; {fetched} bytes fetched from the store, store errors {}", report.summary(), status["store_errors"]));
+    assert!(fetched >= 2 * dataset.bytes, "the store served the readers: {fetched} bytes fetched");
     assert_eq!(report.errors, 0, "readers saw errors or wrong bytes");
     assert_eq!(report.daemon_errors, 0, "the daemon answered requests with errors");
     assert!(report.files_verified >= 4 * dataset.files as u64, "{} files verified", report.files_verified);
@@ -192,17 +197,19 @@ fn storage_servers_killed_under_readers_cost_stalls_not_errors() {
     let s3 = seaweed.store_url("chaos", "vm");
     push(&id, &dataset.store, &s3);
     let mount = PhoenixMount::new(&id, &s3, &root.join("cache-s3"), &SMALL_CACHE);
+    let before = mount.status()["fetched_bytes"].as_u64().unwrap();
     let report = chaos::run_with_faults(&mount, &dataset, reader, 4, 20, (1000, 5000), || seaweed.s3.restart());
-    check_report("s3 gateway", &report, &dataset);
+    check_report("s3 gateway", &report, &dataset, &mount, before);
+    let before = mount.status()["fetched_bytes"].as_u64().unwrap();
     let report = chaos::run_with_faults(&mount, &dataset, reader, 4, 20, (1000, 5000), || seaweed.volumes[0].restart());
-    check_report("volume server", &report, &dataset);
+    check_report("volume server", &report, &dataset, &mount, before);
     drop(mount);
 
     let nginx = std::cell::RefCell::new(Nginx::serve(&dataset.store));
     let url = nginx.borrow().url();
     let mount = PhoenixMount::new(&id, &url, &root.join("cache-http"), &SMALL_CACHE);
     let report = chaos::run_with_faults(&mount, &dataset, reader, 4, 20, (1000, 5000), || nginx.borrow_mut().server.restart());
-    check_report("nginx", &report, &dataset);
+    check_report("nginx", &report, &dataset, &mount, 0);
 }
 
 #[test]
@@ -220,6 +227,51 @@ fn worker_kills_while_fetching_from_s3_cost_nothing() {
     let mount = PhoenixMount::new(&id, &s3, &root.join("cache"), &SMALL_CACHE);
     let plan = Plan { victim: Victim::Worker, events: 30, min_duration: Duration::ZERO, interval_ms: (10, 500), readers: 4 };
     let report = chaos::run_on(&mount, &dataset, reader, &plan);
-    check_report("worker kills, S3", &report, &dataset);
+    check_report("worker kills, S3", &report, &dataset, &mount, 0);
     assert_eq!(report.worker_kills, 30);
+}
+
+/// Every chunk file in the cache holds what its name says (its data then a crc32c).
+fn assert_cache_holds_only_good_chunks(cache: &Path) -> usize {
+    let files = phoenixfs_tests::chunk_files(cache);
+    for file in &files {
+        let bytes = fs::read(file).unwrap();
+        let data = &bytes[..bytes.len() - 4];
+        assert_eq!(hex::encode(Sha256::digest(data)), file.file_name().unwrap().to_str().unwrap(), "{} holds other bytes", file.display());
+    }
+    files.len()
+}
+
+#[test]
+fn answers_damaged_on_the_way_never_reach_readers_or_the_cache() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dataset = chaos::vm_dataset();
+    let reader = Path::new(env!("CARGO_BIN_EXE_phoenixfs-chaos"));
+    let id = run_ok(phoenixfs().arg("inspect").arg(&dataset.image).arg("--json"));
+    let id = serde_json::from_str::<serde_json::Value>(&id).unwrap()["id"].as_str().unwrap().to_string();
+    let root = fixture_dir("stores-fault-proxy");
+    let nginx = Nginx::serve(&dataset.store);
+    let seaweed = SeaweedFs::start();
+    seaweed.create_bucket("proxied");
+    push(&id, &dataset.store, &seaweed.store_url("proxied", "vm"));
+    for (name, upstream) in [("nginx", nginx.server.port), ("s3", seaweed.s3.port)] {
+        let proxy = FaultProxy::start(upstream, &ALL_FAULTS, 15).unwrap();
+        let url = match name {
+            "nginx" => format!("http://127.0.0.1:{}", proxy.port),
+            _ => format!("s3://proxied/vm?endpoint=http://127.0.0.1:{}", proxy.port),
+        };
+        let cache = root.join(format!("cache-{name}"));
+        // The image comes through the proxy too.
+        let mount = PhoenixMount::new(&id, &url, &cache, &SMALL_CACHE);
+        let report = chaos::run_with_faults(&mount, &dataset, reader, 4, 15, (1000, 1000), || {});
+        check_report(&format!("fault proxy before {name}"), &report, &dataset, &mount, 0);
+        let status = mount.status();
+        let requests = status["chunks_fetched"].as_u64().unwrap() + status["fetch_retries"].as_u64().unwrap();
+        print(&format!("fault proxy before {name}: {requests} chunk requests, faults {:?}, store errors {}", proxy.faults_done(), status["store_errors"]));
+        assert!(requests >= 1000, "{requests} requests");
+        assert!(proxy.faults_done().iter().all(|&(_, n)| n > 0), "every kind of fault happened: {:?}", proxy.faults_done());
+        assert!(status["store_errors"]["corrupt"].as_u64().unwrap_or(0) > 0, "flipped bits were caught: {status}");
+        drop(mount);
+        assert!(assert_cache_holds_only_good_chunks(&cache) > 0);
+    }
 }

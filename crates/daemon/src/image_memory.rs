@@ -9,11 +9,12 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
+use std::time::Duration;
 
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use phoenixfs_format::{ImageBytes, ImageFile, ImageId};
-use phoenixfs_store::{load_image, ChunkStore};
+use phoenixfs_store::{load_image, ChunkStore, Patient};
 
 use crate::error::MountError;
 use crate::spec::MountSpec;
@@ -21,12 +22,15 @@ use crate::spec::MountSpec;
 /// Seals that make a memfd's content immutable for everyone, including us.
 const IMMUTABLE: SealFlag = SealFlag::F_SEAL_WRITE.union(SealFlag::F_SEAL_SHRINK).union(SealFlag::F_SEAL_GROW).union(SealFlag::F_SEAL_SEAL);
 
+/// How long mounting rides out a store that fails: then the mount fails, with the reason.
+pub(crate) const MOUNT_PATIENCE: Duration = Duration::from_secs(30);
+
 /// Loads and fully verifies the image `spec` names, and seals a copy of its bytes into a
 /// memfd. Returns the memfd, the image's id and its chunk size.
 pub(crate) fn load_and_seal(spec: &MountSpec) -> Result<(OwnedFd, ImageId, usize), MountError> {
-    let store = spec.open_store()?;
-    let image = load_image(&spec.image, Some(store.as_ref()))?;
-    probe_store(store.as_ref(), &image)?;
+    let store = Patient::new(spec.open_store()?, MOUNT_PATIENCE);
+    let image = load_image(&spec.image, Some(&store))?;
+    probe_store(&store, &image)?;
     let fd = seal(image.bytes()).map_err(|source| MountError::Io { what: "copying the image into memory".into(), source })?;
     Ok((fd, image.id, image.table.chunk_size() as usize))
 }

@@ -23,6 +23,9 @@ pub enum ImageLoadError {
     WrongId { id: ImageId, store: String, actual: ImageId },
 }
 
+/// Fetches of an image from a store before its bytes are taken as corrupt.
+const IMAGE_ATTEMPTS: u32 = 5;
+
 /// Loads the image `name` (a file if one exists at that path, else an id in `store`) and proves
 /// it with [`ImageFile::decode`]: every byte hashed, every chunk table entry checked. The
 /// result's bytes ([`ImageFile::bytes`]) can then be opened again, without that cost, by
@@ -35,10 +38,21 @@ pub fn load_image(name: &str, store: Option<&dyn ChunkStore>) -> Result<ImageFil
     }
     let Ok(id) = name.parse::<ImageId>() else { return Err(ImageLoadError::NoSuchImage { name: name.to_string() }) };
     let store = store.ok_or_else(|| ImageLoadError::NoStore { name: name.to_string() })?;
-    let decoded = ImageFile::decode(store.get_image(&id)?)
-        .map_err(|source| ImageLoadError::Invalid { name: format!("{id} in store {}", store.location()), source })?;
-    if decoded.id != id {
-        return Err(ImageLoadError::WrongId { id, store: store.location(), actual: decoded.id });
+    // Bytes that do not hash to the id may have been damaged on the way: ask again, a few times.
+    let mut attempt = 1;
+    loop {
+        let result = ImageFile::decode(store.get_image(&id)?)
+            .map_err(|source| ImageLoadError::Invalid { name: format!("{id} in store {}", store.location()), source })
+            .and_then(|decoded| match decoded.id == id {
+                true => Ok(decoded),
+                false => Err(ImageLoadError::WrongId { id, store: store.location(), actual: decoded.id }),
+            });
+        match result {
+            Err(e) if attempt < IMAGE_ATTEMPTS => {
+                tracing::warn!(image = %id, store = store.location(), attempt, error = %e, "image fetched damaged; fetching it again");
+                attempt += 1;
+            }
+            result => return result,
+        }
     }
-    Ok(decoded)
 }

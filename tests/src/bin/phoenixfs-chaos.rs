@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use phoenixfs_tests::chaos::{self, Plan, ReaderKind, Victim};
-use phoenixfs_tests::{fscache, probe, snapshot};
+use phoenixfs_tests::{bench_stores, fscache, probe, snapshot};
 
 #[derive(Parser)]
 struct Cli {
@@ -111,6 +111,15 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         kills: usize,
     },
+    /// On the host: start SeaweedFS and nginx on 127.0.0.1 and measure push against s3cmd,
+    /// cold reads of a 1 GiB file from S3 and nginx against a plain parallel GET client
+    /// (ROUNDS interleaved rounds), and reads right after worker kills, S3 against local.
+    BenchStores {
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        #[arg(long, default_value_t = 30)]
+        kills: usize,
+    },
     /// Write everything observable about a tree, one entry a line, to OUT (trees on two
     /// machines compare as text).
     Snapshot {
@@ -178,6 +187,10 @@ fn main() -> ExitCode {
         Command::BenchFscache { kills } => {
             let me = std::env::current_exe().expect("this binary");
             fscache::bench(&me, kills);
+            ExitCode::SUCCESS
+        }
+        Command::BenchStores { rounds, kills } => {
+            bench_stores::bench(rounds, kills);
             ExitCode::SUCCESS
         }
         Command::Snapshot { dir, out } => {

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use phoenixfs_store::load_image;
+use phoenixfs_store::{load_image, Patient};
 
 use super::control::{request, ControlReply, ControlRequest, DaemonStatus};
 use super::registry::{self, Registration};
@@ -56,9 +56,9 @@ pub fn mount_fscache(spec: FscacheMount) -> Result<(), MountError> {
         return Err(MountError::NotRoot);
     }
     let mountpoint = check_mountpoint(&spec.mountpoint)?;
-    let store = open_store(&spec.store, &spec.mirrors)?;
-    let image = load_image(&spec.image, Some(store.as_ref()))?;
-    image_memory::probe_store(store.as_ref(), &image)?;
+    let store = Patient::new(open_store(&spec.store, &spec.mirrors)?, image_memory::MOUNT_PATIENCE);
+    let image = load_image(&spec.image, Some(&store))?;
+    image_memory::probe_store(&store, &image)?;
     let memfd = image_memory::seal(image.bytes()).map_err(|source| MountError::Io { what: "copying the image into memory".into(), source })?;
     ensure_daemon(&spec.fscache_dir, spec.log_level)?;
     let registration = Registration {
