@@ -5,6 +5,7 @@
 //!    from nginx, against a plain client fetching the same chunk objects with 16 GETs in
 //!    flight (`object_store`, no verification, nothing written), in interleaved rounds;
 //! 3. 4 KiB reads of unread chunks right after worker kills, the store remote (S3) or local.
+//!
 //! Prints each figure, then the medians and ratios.
 
 use std::fs::{self, File};

@@ -183,7 +183,7 @@ fn small_size(rng: &mut XorShift) -> usize {
 pub struct XorShift(pub u64);
 
 impl XorShift {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -192,7 +192,7 @@ impl XorShift {
 
     /// Uniform in 0..n.
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        (self.next_u64() % n as u64) as usize
     }
 }
 
@@ -639,7 +639,7 @@ pub fn run_on(mount: &PhoenixMount, dataset: &Dataset, reader_bin: &Path, plan: 
     let mut holders = HashSet::new();
     while event < plan.events || started.elapsed() < plan.min_duration {
         let (low, high) = plan.interval_ms;
-        std::thread::sleep(Duration::from_millis(low + rng.next() % (high - low + 1)));
+        std::thread::sleep(Duration::from_millis(low + rng.next_u64() % (high - low + 1)));
         let status = current_status(mount);
         holders.insert(pid_of(&status, "holder_pid"));
         count_resent_after_upgrade(&status, &mut upgraded, &mut report);
@@ -682,7 +682,7 @@ pub fn run_with_faults(mount: &PhoenixMount, dataset: &Dataset, reader_bin: &Pat
     let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
     while report.store_faults < faults {
         let (low, high) = interval_ms;
-        std::thread::sleep(Duration::from_millis(low + rng.next() % (high - low + 1)));
+        std::thread::sleep(Duration::from_millis(low + rng.next_u64() % (high - low + 1)));
         fault();
         report.store_faults += 1;
     }

@@ -111,11 +111,11 @@ fn relay(client: TcpStream, upstream: u16, faults: &[Fault], per_mille: u64, mut
         }
         stats.pieces.fetch_add(1, Ordering::Relaxed);
         let piece = &mut buf[..n];
-        if faults.is_empty() || rng.next() % 1000 >= per_mille {
+        if faults.is_empty() || rng.next_u64() % 1000 >= per_mille {
             client_out.write_all(piece)?;
             continue;
         }
-        let which = rng.next() as usize % faults.len();
+        let which = rng.next_u64() as usize % faults.len();
         let fault = faults[which];
         stats.faults[ALL_FAULTS.iter().position(|f| *f == fault).expect("a known fault")].fetch_add(1, Ordering::Relaxed);
         match fault {
@@ -126,7 +126,7 @@ fn relay(client: TcpStream, upstream: u16, faults: &[Fault], per_mille: u64, mut
                 return Ok(());
             }
             Fault::Stall => {
-                std::thread::sleep(Duration::from_millis(300 + rng.next() % 2000));
+                std::thread::sleep(Duration::from_millis(300 + rng.next_u64() % 2000));
                 client_out.write_all(piece)?;
             }
             Fault::Trickle => {
@@ -136,13 +136,13 @@ fn relay(client: TcpStream, upstream: u16, faults: &[Fault], per_mille: u64, mut
                 }
             }
             Fault::Truncate => {
-                client_out.write_all(&piece[..rng.next() as usize % n])?;
+                client_out.write_all(&piece[..rng.next_u64() as usize % n])?;
                 let _ = client_out.shutdown(Shutdown::Both);
                 return Ok(());
             }
             Fault::BitFlip => {
-                let at = rng.next() as usize % n;
-                piece[at] ^= 1 << (rng.next() % 8);
+                let at = rng.next_u64() as usize % n;
+                piece[at] ^= 1 << (rng.next_u64() % 8);
                 client_out.write_all(piece)?;
             }
         }

@@ -104,7 +104,7 @@ pub fn run(dataset: &Dataset, reader_bin: &Path, plan: &Plan, paths: &GuestPaths
     let mut event = 0;
     while event < plan.events || started.elapsed() < plan.min_duration {
         let (low, high) = plan.interval_ms;
-        std::thread::sleep(Duration::from_millis(low + rng.next() % (high - low + 1)));
+        std::thread::sleep(Duration::from_millis(low + rng.next_u64() % (high - low + 1)));
         let now = status(paths.mountpoint);
         holders.extend(pid(&now, "holder_pid"));
         let mut kill_worker = |report: &mut Report| {
