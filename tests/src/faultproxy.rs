@@ -121,8 +121,10 @@ fn relay(client: TcpStream, upstream: u16, faults: &[Fault], per_mille: u64, mut
         match fault {
             Fault::Reset => {
                 client_out.write_all(&piece[..n / 2])?;
-                // A zero linger turns the close into a reset.
+                // A zero linger turns the close into a reset; shutting down reading ends the
+                // request thread, so that its copy of the socket closes too.
                 nix::sys::socket::setsockopt(&client_out, nix::sys::socket::sockopt::Linger, &libc::linger { l_onoff: 1, l_linger: 0 })?;
+                client_out.shutdown(Shutdown::Read)?;
                 return Ok(());
             }
             Fault::Stall => {

@@ -168,12 +168,12 @@ fn a_30_second_outage_of_the_local_store_or_of_s3_is_a_stall() {
 }
 
 /// Prints a run's figures and checks its pass marks: among them, that the store was read
-/// all along (chunks fetched again and again, the cache being small).
+/// all along (the cache is smaller than the dataset).
 fn check_report(name: &str, report: &Report, dataset: &Dataset, mount: &PhoenixMount, fetched_before: u64) {
     let status = mount.status();
     let fetched = status["fetched_bytes"].as_u64().unwrap() - fetched_before;
     print(&format!("stores {name}: {}; {fetched} bytes fetched from the store, store errors {}", report.summary(), status["store_errors"]));
-    assert!(fetched >= 2 * dataset.bytes, "the store served the readers: {fetched} bytes fetched");
+    assert!(fetched >= dataset.bytes, "the store served the readers: {fetched} bytes fetched");
     assert_eq!(report.errors, 0, "readers saw errors or wrong bytes");
     assert_eq!(report.daemon_errors, 0, "the daemon answered requests with errors");
     assert!(report.files_verified >= 4 * dataset.files as u64, "{} files verified", report.files_verified);

@@ -23,9 +23,11 @@ use crate::{ChunkStore, Outage, StoreError, StoreUrl};
 /// Longest a single request may take; a slower one is an outage (and retried by the caller).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Latencies kept to estimate the p99, and how many are needed before hedging starts.
+/// Latencies kept to estimate the p99, and how many make an estimate; before that, a read
+/// is hedged after `FIRST_HEDGE_DELAY`.
 const LATENCY_WINDOW: usize = 256;
-const HEDGE_AFTER_SAMPLES: usize = 32;
+const HEDGE_AFTER_SAMPLES: usize = 16;
+const FIRST_HEDGE_DELAY: Duration = Duration::from_secs(1);
 /// Never hedge sooner than this: on loopback the p99 can be far below a scheduler tick.
 const MIN_HEDGE_DELAY: Duration = Duration::from_millis(20);
 
@@ -96,15 +98,15 @@ impl RemoteStore {
         format!("chunks/{}/{hex}", &hex[..2])
     }
 
-    /// When a read should get a second request: after the recent p99, once there is one.
-    fn hedge_delay(&self) -> Option<Duration> {
+    /// When a read should get a second request: after the recent p99.
+    fn hedge_delay(&self) -> Duration {
         let latencies = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
         if latencies.len() < HEDGE_AFTER_SAMPLES {
-            return None;
+            return FIRST_HEDGE_DELAY;
         }
         let mut sorted: Vec<Duration> = latencies.iter().copied().collect();
         sorted.sort_unstable();
-        Some(sorted[sorted.len() * 99 / 100].max(MIN_HEDGE_DELAY))
+        sorted[sorted.len() * 99 / 100].max(MIN_HEDGE_DELAY)
     }
 
     fn record_latency(&self, took: Duration) {
@@ -169,13 +171,12 @@ impl RemoteStore {
 
 /// Runs `once()`; if it has not finished after `hedge`, runs it again beside the first and
 /// takes whichever finishes first.
-async fn hedged<F, Fut, T>(once: F, hedge: Option<Duration>) -> T
+async fn hedged<F, Fut, T>(once: F, hedge: Duration) -> T
 where
     F: Fn() -> Fut,
     Fut: Future<Output = T>,
 {
     let first = once();
-    let Some(hedge) = hedge else { return first.await };
     tokio::pin!(first);
     tokio::select! {
         done = &mut first => return done,
