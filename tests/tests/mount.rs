@@ -195,22 +195,23 @@ fn bad_mounts_are_refused_with_one_line_and_leave_nothing_mounted() {
 }
 
 #[test]
-fn a_chunk_missing_or_corrupt_in_the_store_gives_eio_and_a_log_line_naming_it() {
+fn a_chunk_missing_from_the_store_or_corrupt_past_the_fetch_deadline_gives_eio_and_a_log_line_naming_it() {
     let root = fixture_dir("mount-bad-chunk");
     let (src, store, image) = tree(&root, 3, MIB);
     let image_id = phoenixfs_format::ImageFile::decode(fs::read(&image).unwrap()).unwrap().id.to_string();
     let digest_of = |i: usize| phoenixfs_format::Digest::of(&fs::read(src.join(format!("file{i}"))).unwrap()).to_hex();
-    let (missing, corrupt) = (digest_of(0), digest_of(1));
+    // file0's chunk stays good: mounting asks the store for the first chunk.
+    let (missing, corrupt) = (digest_of(1), digest_of(2));
     fs::remove_file(store.join("chunks").join(&missing[..2]).join(&missing)).unwrap();
     let corrupt_path = store.join("chunks").join(&corrupt[..2]).join(&corrupt);
     File::options().write(true).open(&corrupt_path).unwrap().write_all_at(b"!", 1234).unwrap();
 
-    let mount = PhoenixMount::new(&image, &store, &root.join("cache"), &[]);
-    for i in 0..2 {
+    let mount = PhoenixMount::new(&image, &store, &root.join("cache"), &["--fetch-deadline", "2s"]);
+    for i in 1..3 {
         let err = fs::read(mount.path().join(format!("file{i}"))).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EIO), "file{i}: {err}");
     }
-    assert_eq!(fs::read(mount.path().join("file2")).unwrap(), fs::read(src.join("file2")).unwrap());
+    assert_eq!(fs::read(mount.path().join("file0")).unwrap(), fs::read(src.join("file0")).unwrap());
     let status = mount.status();
     assert!(status["errors"].as_u64().unwrap() >= 2, "{status}");
     let log = fs::read_to_string(status["log"].as_str().unwrap()).unwrap();
@@ -220,6 +221,25 @@ fn a_chunk_missing_or_corrupt_in_the_store_gives_eio_and_a_log_line_naming_it() 
         assert!(line.contains(&image_id), "{line}");
     }
     assert_eq!(chunk_files(&root.join("cache")).len(), 1, "nothing bad was cached");
+}
+
+#[test]
+fn without_a_fetch_deadline_a_corrupt_chunk_stalls_its_reader_until_the_store_is_repaired() {
+    let root = fixture_dir("mount-corrupt-stall");
+    let (src, store, image) = tree(&root, 2, MIB);
+    let corrupt = phoenixfs_format::Digest::of(&fs::read(src.join("file1")).unwrap()).to_hex();
+    let corrupt_path = store.join("chunks").join(&corrupt[..2]).join(&corrupt);
+    let good = fs::read(&corrupt_path).unwrap();
+    File::options().write(true).open(&corrupt_path).unwrap().write_all_at(b"!", 1234).unwrap();
+    let mount = PhoenixMount::new(&image, &store, &root.join("cache"), &[]);
+    let path = mount.path().join("file1");
+    let reader = std::thread::spawn(move || fs::read(path));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!reader.is_finished(), "the reader waits for good bytes");
+    assert!(mount.status()["store_errors"]["corrupt"].as_u64().unwrap() > 0);
+    fs::write(&corrupt_path, good).unwrap();
+    assert_eq!(reader.join().unwrap().unwrap(), fs::read(src.join("file1")).unwrap());
+    assert_eq!(mount.status()["errors"], 0);
 }
 
 fn wait_for_fetches(mount: &PhoenixMount, want: u64) -> serde_json::Value {

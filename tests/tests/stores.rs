@@ -180,22 +180,35 @@ fn check_report(name: &str, report: &Report, dataset: &Dataset, mount: &PhoenixM
     assert!(report.reader_passes.iter().all(|&passes| passes >= 1), "passes per reader: {:?}", report.reader_passes);
 }
 
+/// The chaos readers' 200 MiB dataset and its image id.
+fn chaos_dataset() -> (Dataset, String) {
+    let dataset = chaos::vm_dataset();
+    let id = run_ok(phoenixfs().arg("inspect").arg(&dataset.image).arg("--json"));
+    let id = serde_json::from_str::<serde_json::Value>(&id).unwrap()["id"].as_str().unwrap().to_string();
+    (dataset, id)
+}
+
+/// A SeaweedFS cluster whose `bucket` holds image `id` (pushed from `store`) under `vm/`, and
+/// that store's URL.
+fn seaweed_holding(bucket: &str, id: &str, store: &Path) -> (SeaweedFs, String) {
+    let seaweed = SeaweedFs::start();
+    seaweed.create_bucket(bucket);
+    let url = seaweed.store_url(bucket, "vm");
+    push(id, store, &url);
+    (seaweed, url)
+}
+
 /// A small cache, so that chunks are evicted and fetched again all the time the servers die.
 const SMALL_CACHE: [&str; 4] = ["--cache-size", "48M", "--memory-cache", "0"];
 
 #[test]
 fn storage_servers_killed_under_readers_cost_stalls_not_errors() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let dataset = chaos::vm_dataset();
+    let (dataset, id) = chaos_dataset();
     let reader = Path::new(env!("CARGO_BIN_EXE_phoenixfs-chaos"));
-    let id = run_ok(phoenixfs().arg("inspect").arg(&dataset.image).arg("--json"));
-    let id = serde_json::from_str::<serde_json::Value>(&id).unwrap()["id"].as_str().unwrap().to_string();
     let root = fixture_dir("stores-chaos");
 
-    let mut seaweed = SeaweedFs::start();
-    seaweed.create_bucket("chaos");
-    let s3 = seaweed.store_url("chaos", "vm");
-    push(&id, &dataset.store, &s3);
+    let (mut seaweed, s3) = seaweed_holding("chaos", &id, &dataset.store);
     let mount = PhoenixMount::new(&id, &s3, &root.join("cache-s3"), &SMALL_CACHE);
     let before = mount.status()["fetched_bytes"].as_u64().unwrap();
     let report = chaos::run_with_faults(&mount, &dataset, reader, 4, 20, (1000, 5000), || seaweed.s3.restart());
@@ -215,15 +228,10 @@ fn storage_servers_killed_under_readers_cost_stalls_not_errors() {
 #[test]
 fn worker_kills_while_fetching_from_s3_cost_nothing() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let dataset = chaos::vm_dataset();
+    let (dataset, id) = chaos_dataset();
     let reader = Path::new(env!("CARGO_BIN_EXE_phoenixfs-chaos"));
-    let id = run_ok(phoenixfs().arg("inspect").arg(&dataset.image).arg("--json"));
-    let id = serde_json::from_str::<serde_json::Value>(&id).unwrap()["id"].as_str().unwrap().to_string();
     let root = fixture_dir("stores-worker-kills");
-    let seaweed = SeaweedFs::start();
-    seaweed.create_bucket("kills");
-    let s3 = seaweed.store_url("kills", "vm");
-    push(&id, &dataset.store, &s3);
+    let (_seaweed, s3) = seaweed_holding("kills", &id, &dataset.store);
     let mount = PhoenixMount::new(&id, &s3, &root.join("cache"), &SMALL_CACHE);
     let plan = Plan { victim: Victim::Worker, events: 30, min_duration: Duration::ZERO, interval_ms: (10, 500), readers: 4 };
     let report = chaos::run_on(&mount, &dataset, reader, &plan);
@@ -245,15 +253,11 @@ fn assert_cache_holds_only_good_chunks(cache: &Path) -> usize {
 #[test]
 fn answers_damaged_on_the_way_never_reach_readers_or_the_cache() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let dataset = chaos::vm_dataset();
+    let (dataset, id) = chaos_dataset();
     let reader = Path::new(env!("CARGO_BIN_EXE_phoenixfs-chaos"));
-    let id = run_ok(phoenixfs().arg("inspect").arg(&dataset.image).arg("--json"));
-    let id = serde_json::from_str::<serde_json::Value>(&id).unwrap()["id"].as_str().unwrap().to_string();
     let root = fixture_dir("stores-fault-proxy");
     let nginx = Nginx::serve(&dataset.store);
-    let seaweed = SeaweedFs::start();
-    seaweed.create_bucket("proxied");
-    push(&id, &dataset.store, &seaweed.store_url("proxied", "vm"));
+    let (seaweed, _) = seaweed_holding("proxied", &id, &dataset.store);
     for (name, upstream) in [("nginx", nginx.server.port), ("s3", seaweed.s3.port)] {
         let proxy = FaultProxy::start(upstream, &ALL_FAULTS, 15).unwrap();
         let url = match name {
@@ -274,4 +278,47 @@ fn answers_damaged_on_the_way_never_reach_readers_or_the_cache() {
         drop(mount);
         assert!(assert_cache_holds_only_good_chunks(&cache) > 0);
     }
+}
+
+#[test]
+fn a_mirror_that_is_down_is_passed_over() {
+    let root = fixture_dir("stores-mirrors");
+    let src = root.join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), trees::noise(3, 5 << 20)).unwrap();
+    let store = root.join("store");
+    let (_, id) = build_image(&src, &store, &root, &[]);
+    let nginx = Nginx::serve(&store);
+    let dead = format!("http://127.0.0.1:{}", phoenixfs_tests::servers::free_port());
+    let mount = PhoenixMount::new(&id, &dead, &root.join("cache"), &["--store", &nginx.url()]);
+    assert_eq!(fs::read(mount.path().join("f")).unwrap(), fs::read(src.join("f")).unwrap());
+    let status = mount.status();
+    assert_eq!(status["errors"], 0);
+    assert!(status["store"].as_str().unwrap().contains(&nginx.url()), "{status}");
+}
+
+#[test]
+fn push_sends_only_what_the_destination_lacks() {
+    let root = fixture_dir("stores-push-resume");
+    let src = root.join("src");
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..6 {
+        fs::write(src.join(format!("f{i}")), trees::noise(40 + i, 2 << 20)).unwrap();
+    }
+    let store = root.join("store");
+    let (image, id) = build_image(&src, &store, &root, &[]);
+    let copy = root.join("copy");
+    // An image file and the store its chunks are in; the image lands in the copy last.
+    push(image.to_str().unwrap(), &store, copy.to_str().unwrap());
+    let chunks = phoenixfs_tests::chunk_files(&copy);
+    assert_eq!(chunks.len(), 12);
+    // What a push killed half-way leaves: some chunks there, the image not yet.
+    for chunk in &chunks[..5] {
+        fs::remove_file(chunk).unwrap();
+    }
+    fs::remove_file(copy.join("images").join(&id)).unwrap();
+    let again = run(phoenixfs().arg("push").arg(&id).arg("--store").arg(&store).arg("--to").arg(&copy));
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success() && said.contains(": 5 of 12 chunks sent"), "{said}");
+    assert_eq!(run_ok(phoenixfs().arg("check").arg(&id).arg("--store").arg(&copy)).trim(), format!("ok: image {id} and all 12 chunks verified"));
 }

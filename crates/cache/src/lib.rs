@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use phoenixfs_format::chunk::decode_chunk;
+use phoenixfs_format::chunk::decode_chunk_owned;
 use phoenixfs_format::{ChunkEntry, Digest};
 use phoenixfs_store::ChunkStore;
 use thiserror::Error;
@@ -391,11 +391,11 @@ impl ChunkCache {
         let mut not_found = 0;
         for attempt in 1u32.. {
             let (kind, detail, corrupt) = match store.get_chunk(&digest) {
-                Ok(stored) => match decode_chunk(entry, &stored) {
+                Ok(stored) => match decode_chunk_owned(entry, stored) {
                     Ok(data) => {
                         self.stats.fetches.fetch_add(1, Ordering::Relaxed);
-                        self.stats.fetched_bytes.fetch_add(stored.len() as u64, Ordering::Relaxed);
-                        debug!(chunk = %digest, bytes = stored.len(), attempt, "fetched");
+                        self.stats.fetched_bytes.fetch_add(u64::from(entry.stored_length), Ordering::Relaxed);
+                        debug!(chunk = %digest, bytes = entry.stored_length, attempt, "fetched");
                         return Ok(data);
                     }
                     Err(e) => ("corrupt", e.to_string(), true),

@@ -23,7 +23,7 @@ use crate::spec::MountSpec;
 const IMMUTABLE: SealFlag = SealFlag::F_SEAL_WRITE.union(SealFlag::F_SEAL_SHRINK).union(SealFlag::F_SEAL_GROW).union(SealFlag::F_SEAL_SEAL);
 
 /// How long mounting rides out a store that fails: then the mount fails, with the reason.
-pub(crate) const MOUNT_PATIENCE: Duration = Duration::from_secs(30);
+pub(crate) const MOUNT_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Loads and fully verifies the image `spec` names, and seals a copy of its bytes into a
 /// memfd. Returns the memfd, the image's id and its chunk size.

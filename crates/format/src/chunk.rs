@@ -15,6 +15,7 @@
 //! and decodes an entry when it needs it. [`ChunkTableView::locate`] is the one place a blob
 //! offset becomes a chunk index and an offset within that chunk.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
@@ -256,13 +257,22 @@ pub fn encode_chunk(data: &[u8], level: i32) -> (Compression, Vec<u8>) {
 
 /// Decodes a stored chunk and proves it is the one `entry` names: lengths and sha256.
 pub fn decode_chunk(entry: &ChunkEntry, stored: &[u8]) -> Result<Vec<u8>, FormatError> {
+    decode(entry, Cow::Borrowed(stored))
+}
+
+/// [`decode_chunk`] of bytes the caller gives up: a raw chunk is verified in place, not copied.
+pub fn decode_chunk_owned(entry: &ChunkEntry, stored: Vec<u8>) -> Result<Vec<u8>, FormatError> {
+    decode(entry, Cow::Owned(stored))
+}
+
+fn decode(entry: &ChunkEntry, stored: Cow<'_, [u8]>) -> Result<Vec<u8>, FormatError> {
     let bad = |detail: String| FormatError::ChunkCorrupt { digest: entry.digest.to_hex(), detail };
     if stored.len() != entry.stored_length as usize {
         return Err(bad(format!("stored length {} instead of {}", stored.len(), entry.stored_length)));
     }
     let data = match entry.compression {
-        Compression::None => stored.to_vec(),
-        Compression::Zstd => zstd::bulk::decompress(stored, entry.length as usize)
+        Compression::None => stored.into_owned(),
+        Compression::Zstd => zstd::bulk::decompress(&stored, entry.length as usize)
             .map_err(|e| bad(format!("zstd: {e}")))?,
     };
     if data.len() != entry.length as usize {

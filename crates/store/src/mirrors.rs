@@ -1,5 +1,5 @@
-//! Several copies of one store: reads go to the one that answered last and move on to the
-//! next when it fails; writes go to the first.
+//! Several copies of one store: reads (and existence checks) go to the one that answered last
+//! and move on to the next when it fails; writes go to the first.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -51,7 +51,17 @@ impl ChunkStore for Mirrors {
     }
 
     fn chunk_len(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
-        self.stores[0].chunk_len(digest)
+        self.read(|store| match store.chunk_len(digest) {
+            Ok(Some(len)) => Ok(len),
+            // Absent from one mirror is not absent from all: ask the next.
+            Ok(None) => Err(StoreError::NotFound { store: store.location(), what: "chunk", key: digest.to_hex() }),
+            Err(e) => Err(e),
+        })
+        .map(Some)
+        .or_else(|e| match e {
+            StoreError::NotFound { .. } => Ok(None),
+            outage => Err(outage),
+        })
     }
 
     fn put_chunk(&self, digest: &Digest, stored: &[u8]) -> Result<(), StoreError> {
@@ -85,7 +95,10 @@ mod tests {
         let absent = Digest::of(b"xyz");
         let err = mirrors.get_chunk(&absent).unwrap_err();
         assert!(!err.is_definite(), "one mirror is down, so this is no answer: {err}");
+        assert!(mirrors.chunk_len(&absent).is_err(), "one mirror is down: no answer");
+        assert_eq!(mirrors.chunk_len(&digest).unwrap(), Some(3));
         let both_up = Mirrors::new(vec![up.clone(), up]);
         assert!(both_up.get_chunk(&absent).unwrap_err().is_definite());
+        assert_eq!(both_up.chunk_len(&absent).unwrap(), None);
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use phoenixfs_format::{Digest, ImageId};
-use tracing::warn;
+use tracing::debug;
 
 use crate::{ChunkStore, StoreError};
 
@@ -30,7 +30,7 @@ impl Patient {
         loop {
             match op(self.inner.as_ref()) {
                 Err(e) if !e.is_definite() && started.elapsed() < self.give_up_after => {
-                    warn!(store = self.inner.location(), what, error = %e, retry_in_ms = backoff.as_millis() as u64, "store request failed; trying again");
+                    debug!(store = self.inner.location(), what, error = %e, retry_in_ms = backoff.as_millis() as u64, "store request failed; trying again");
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }

@@ -134,7 +134,7 @@ impl RemoteStore {
         match result {
             Ok(Ok(bytes)) => {
                 self.record_latency(took);
-                Ok(bytes.to_vec())
+                Ok(Vec::from(bytes))
             }
             Ok(Err(object_store::Error::NotFound { .. })) => Err(StoreError::NotFound { store: self.url.clone(), what, key: name }),
             Ok(Err(e)) => Err(self.outage(&e)),
