@@ -1,12 +1,13 @@
 //! Arguments several commands share: an `IMAGE` (a path to an image file, or an image id in a
 //! store), a `--store` URL, a duration.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
 use phoenixfs_format::ImageFile;
-use phoenixfs_store::{load_image, ChunkStore, LocalStore, Patient, StoreUrl};
+use phoenixfs_store::{load_image, ChunkStore, LocalStore, Patient, StoreError, StoreUrl};
 
 /// How long a command rides out a store outage before it gives up.
 const COMMAND_PATIENCE: Duration = Duration::from_secs(120);
@@ -22,17 +23,17 @@ pub fn parse_store(text: &str) -> Result<StoreUrl, String> {
 
 /// Opens a store to read: a local one must exist. Requests ride out outages for a while.
 pub fn open_store(url: &StoreUrl) -> Result<Arc<dyn ChunkStore>> {
-    let store: Arc<dyn ChunkStore> = match url {
-        StoreUrl::Local(root) => Arc::new(LocalStore::open(root)?),
-        remote => phoenixfs_store::open(remote)?,
-    };
-    Ok(Arc::new(Patient::new(store, COMMAND_PATIENCE)))
+    patient(url, LocalStore::open)
 }
 
 /// Opens a store to write: a local one is created when missing.
 pub fn create_store(url: &StoreUrl) -> Result<Arc<dyn ChunkStore>> {
+    patient(url, LocalStore::create)
+}
+
+fn patient(url: &StoreUrl, open_local: fn(&Path) -> Result<LocalStore, StoreError>) -> Result<Arc<dyn ChunkStore>> {
     let store: Arc<dyn ChunkStore> = match url {
-        StoreUrl::Local(root) => Arc::new(LocalStore::create(root)?),
+        StoreUrl::Local(root) => Arc::new(open_local(root)?),
         remote => phoenixfs_store::open(remote)?,
     };
     Ok(Arc::new(Patient::new(store, COMMAND_PATIENCE)))
