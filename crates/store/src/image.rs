@@ -49,7 +49,7 @@ pub fn load_image(name: &str, store: Option<&dyn ChunkStore>) -> Result<ImageFil
             });
         match result {
             Err(e) if attempt < IMAGE_ATTEMPTS => {
-                tracing::warn!(image = %id, store = store.location(), attempt, error = %e, "image fetched damaged; fetching it again");
+                tracing::debug!(image = %id, store = store.location(), attempt, error = %e, "image fetched damaged; fetching it again");
                 attempt += 1;
             }
             result => return result,
