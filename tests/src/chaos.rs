@@ -78,7 +78,7 @@ pub fn gib_dataset() -> Dataset {
 /// machine): two 64 MiB files, 40 medium, 600 small ones. Built once, kept under the test
 /// fixtures (the guest sees them read-only).
 pub fn vm_dataset() -> Dataset {
-    cached_dataset("chaos-vm-v1", |src| {
+    cached_dataset("chaos-vm-v2", |src| {
         for i in 0..2u64 {
             write_file(&src.join(format!("large/part{i}.bin")), &noise(20 + i, 64 << 20));
         }

@@ -249,3 +249,32 @@ impl Nginx {
         format!("http://127.0.0.1:{}", self.server.port)
     }
 }
+
+/// An OCI registry (Debian's docker-registry, the distribution project's v2 registry) with
+/// its blobs in a directory, anonymous.
+pub struct Registry {
+    pub server: Server,
+}
+
+impl Registry {
+    pub fn start() -> Self {
+        let dir = server_dir("registry");
+        let port = free_port();
+        let config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.join("data").display()
+        );
+        let conf = dir.join("config.yml");
+        fs::write(&conf, config).expect("registry config");
+        let registry = Path::new("/usr/bin/docker-registry");
+        assert!(registry.exists(), "docker-registry: run scripts/install-servers");
+        let mut server = Server::new("registry", registry, vec!["serve".into(), conf.into()], port, &dir);
+        server.start();
+        Registry { server }
+    }
+
+    /// The store URL of `repository` in this registry.
+    pub fn store_url(&self, repository: &str) -> String {
+        format!("oci://127.0.0.1:{}/{repository}", self.server.port)
+    }
+}

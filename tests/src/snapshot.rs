@@ -160,7 +160,7 @@ pub fn snapshot_image(image: &ImageFile, store: &dyn ChunkStore) -> Snapshot {
                     ExtentTarget::Blob { offset } => {
                         let chunk = image.table.locate(offset).expect("blob offset in the chunk table");
                         let data = chunks.entry(chunk.index).or_insert_with(|| {
-                            let stored = store.get_chunk(&chunk.entry.digest).expect("chunk in store");
+                            let stored = store.get_chunk(&chunk.entry).expect("chunk in store");
                             decode_chunk(&chunk.entry, &stored).expect("chunk verifies")
                         });
                         let within = chunk.within;

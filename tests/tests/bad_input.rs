@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use phoenixfs_builder::{build, BuildError, BuildOptions};
-use phoenixfs_format::{Digest, ImageId};
+use phoenixfs_format::{ChunkEntry, Digest, ImageId};
 use phoenixfs_store::{ChunkStore, LocalStore, StoreError};
 use phoenixfs_tests::trees::noise;
 use phoenixfs_tests::{assert_one_line_error, build_image, chunk_files, fixture_dir, phoenixfs, run, run_ok};
@@ -147,17 +147,17 @@ impl ChunkStore for MeddlingStore {
     fn location(&self) -> String {
         self.inner.location()
     }
-    fn get_chunk(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
-        self.inner.get_chunk(digest)
+    fn get_chunk(&self, chunk: &ChunkEntry) -> Result<Vec<u8>, StoreError> {
+        self.inner.get_chunk(chunk)
     }
-    fn chunk_len(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
-        self.inner.chunk_len(digest)
+    fn chunk_len(&self, chunk: &ChunkEntry) -> Result<Option<u64>, StoreError> {
+        self.inner.chunk_len(chunk)
     }
-    fn put_chunk(&self, digest: &Digest, stored: &[u8]) -> Result<(), StoreError> {
+    fn put_chunk(&self, chunk: &ChunkEntry, stored: &[u8]) -> Result<(), StoreError> {
         if !self.done.swap(true, Ordering::SeqCst) {
             (self.meddle)();
         }
-        self.inner.put_chunk(digest, stored)
+        self.inner.put_chunk(chunk, stored)
     }
     fn get_image(&self, id: &ImageId) -> Result<Vec<u8>, StoreError> {
         self.inner.get_image(id)

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use phoenixfs_tests::chaos::{self, Dataset, Plan, Report, Victim};
 use phoenixfs_tests::faultproxy::{FaultProxy, ALL_FAULTS};
 use phoenixfs_tests::mount::PhoenixMount;
-use phoenixfs_tests::servers::{Nginx, SeaweedFs};
+use phoenixfs_tests::servers::{Nginx, Registry, SeaweedFs};
 use phoenixfs_tests::snapshot::{assert_same, snapshot_dir};
 use phoenixfs_tests::{assert_one_line_error, build_image, fixture_dir, phoenixfs, run, run_ok, trees};
 use sha2::{Digest, Sha256};
@@ -30,7 +30,7 @@ fn push(image: &str, from: &Path, to: &str) {
 }
 
 #[test]
-fn an_image_pushed_to_s3_or_served_by_nginx_mounts_by_id_and_equals_its_source() {
+fn an_image_pushed_to_s3_or_a_registry_or_served_by_nginx_mounts_by_id_and_equals_its_source() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let root = fixture_dir("stores-equal");
     let src = root.join("src");
@@ -47,6 +47,13 @@ fn an_image_pushed_to_s3_or_served_by_nginx_mounts_by_id_and_equals_its_source()
     assert!(String::from_utf8_lossy(&pushed_again.stderr).contains(": 0 of "), "a second push sends nothing: {pushed_again:?}");
     let mount = PhoenixMount::new(&id, &s3, &root.join("cache-s3"), &[]);
     assert_same(&source, &snapshot_dir(mount.path()), "mount from S3 vs source");
+    drop(mount);
+
+    let registry = Registry::start();
+    let oci = registry.store_url("phoenixfs/all-cases");
+    push(&id, &store, &oci);
+    let mount = PhoenixMount::new(&id, &oci, &root.join("cache-oci"), &[]);
+    assert_same(&source, &snapshot_dir(mount.path()), "mount from an OCI registry vs source");
     drop(mount);
 
     // A local store copied as it is, served by a plain web server.
@@ -223,6 +230,14 @@ fn storage_servers_killed_under_readers_cost_stalls_not_errors() {
     let mount = PhoenixMount::new(&id, &url, &root.join("cache-http"), &SMALL_CACHE);
     let report = chaos::run_with_faults(&mount, &dataset, reader, 4, 20, (1000, 5000), || nginx.borrow_mut().server.restart());
     check_report("nginx", &report, &dataset, &mount, 0);
+    drop(mount);
+
+    let mut registry = Registry::start();
+    let oci = registry.store_url("phoenixfs/chaos");
+    push(&id, &dataset.store, &oci);
+    let mount = PhoenixMount::new(&id, &oci, &root.join("cache-oci"), &SMALL_CACHE);
+    let report = chaos::run_with_faults(&mount, &dataset, reader, 4, 20, (1000, 5000), || registry.server.restart());
+    check_report("registry", &report, &dataset, &mount, 0);
 }
 
 #[test]
@@ -258,10 +273,13 @@ fn answers_damaged_on_the_way_never_reach_readers_or_the_cache() {
     let root = fixture_dir("stores-fault-proxy");
     let nginx = Nginx::serve(&dataset.store);
     let (seaweed, _) = seaweed_holding("proxied", &id, &dataset.store);
-    for (name, upstream) in [("nginx", nginx.server.port), ("s3", seaweed.s3.port)] {
+    let registry = Registry::start();
+    push(&id, &dataset.store, &registry.store_url("phoenixfs/proxied"));
+    for (name, upstream) in [("nginx", nginx.server.port), ("s3", seaweed.s3.port), ("registry", registry.server.port)] {
         let proxy = FaultProxy::start(upstream, &ALL_FAULTS, 15).unwrap();
         let url = match name {
             "nginx" => format!("http://127.0.0.1:{}", proxy.port),
+            "registry" => format!("oci://127.0.0.1:{}/phoenixfs/proxied", proxy.port),
             _ => format!("s3://proxied/vm?endpoint=http://127.0.0.1:{}", proxy.port),
         };
         let cache = root.join(format!("cache-{name}"));

@@ -162,10 +162,10 @@ impl Shared<'_> {
             return Ok(ChunkOutcome::Chunk(*entry));
         }
         let (compression, stored) = encode_chunk(&data, self.options.zstd_level);
-        let entry = ChunkEntry { digest, length: len as u32, stored_length: stored.len() as u32, compression };
-        let present = self.store.chunk_len(&digest)? == Some(stored.len() as u64);
+        let entry = ChunkEntry { digest, length: len as u32, stored_length: stored.len() as u32, compression, stored_digest: Some(Digest::of(&stored)) };
+        let present = self.store.chunk_len(&entry)? == Some(stored.len() as u64);
         if !present {
-            self.store.put_chunk(&digest, &stored)?;
+            self.store.put_chunk(&entry, &stored)?;
         }
         let first = self.known.lock().expect("not poisoned").insert(digest, entry).is_none();
         if first && !present {

@@ -390,7 +390,7 @@ impl ChunkCache {
         let mut backoff = FIRST_BACKOFF;
         let mut not_found = 0;
         for attempt in 1u32.. {
-            let (kind, detail, corrupt) = match store.get_chunk(&digest) {
+            let (kind, detail, corrupt) = match store.get_chunk(entry) {
                 Ok(stored) => match decode_chunk_owned(entry, stored) {
                     Ok(data) => {
                         self.stats.fetches.fetch_add(1, Ordering::Relaxed);

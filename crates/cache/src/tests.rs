@@ -11,8 +11,8 @@ use super::*;
 fn chunk(store: &MemoryStore, seed: u8, len: usize) -> (ChunkEntry, Vec<u8>) {
     let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(seed).wrapping_add(seed)).collect();
     let (compression, stored) = encode_chunk(&data, 1);
-    let entry = ChunkEntry { digest: Digest::of(&data), length: len as u32, stored_length: stored.len() as u32, compression };
-    store.put_chunk(&entry.digest, &stored).unwrap();
+    let entry = ChunkEntry { digest: Digest::of(&data), length: len as u32, stored_length: stored.len() as u32, compression, stored_digest: Some(Digest::of(&stored)) };
+    store.put_chunk(&entry, &stored).unwrap();
     (entry, data)
 }
 
@@ -219,16 +219,16 @@ impl ChunkStore for PanickingStore<'_> {
     fn location(&self) -> String {
         "panicking".into()
     }
-    fn get_chunk(&self, _: &Digest) -> Result<Vec<u8>, StoreError> {
+    fn get_chunk(&self, _: &ChunkEntry) -> Result<Vec<u8>, StoreError> {
         while !(self.gathered)() {
             std::thread::sleep(Duration::from_millis(1));
         }
         panic!("the store double panics");
     }
-    fn chunk_len(&self, _: &Digest) -> Result<Option<u64>, StoreError> {
+    fn chunk_len(&self, _: &ChunkEntry) -> Result<Option<u64>, StoreError> {
         unreachable!()
     }
-    fn put_chunk(&self, _: &Digest, _: &[u8]) -> Result<(), StoreError> {
+    fn put_chunk(&self, _: &ChunkEntry, _: &[u8]) -> Result<(), StoreError> {
         unreachable!()
     }
     fn get_image(&self, _: &phoenixfs_format::ImageId) -> Result<Vec<u8>, StoreError> {

@@ -40,7 +40,7 @@ pub(crate) fn load_and_seal(spec: &MountSpec) -> Result<(OwnedFd, ImageId, usize
 pub(crate) fn probe_store(store: &dyn ChunkStore, image: &ImageFile) -> Result<(), MountError> {
     let Some(first) = image.table.entries().next() else { return Ok(()) };
     let first = first.map_err(|e| MountError::ImageMemory(e.to_string()))?;
-    match store.chunk_len(&first.digest) {
+    match store.chunk_len(&first) {
         Ok(Some(_)) => Ok(()),
         Ok(None) => Err(MountError::StoreLacks { store: store.location(), image: image.id.to_string(), chunk: first.digest.to_hex() }),
         Err(source) => Err(MountError::StoreDown { store: store.location(), source }),

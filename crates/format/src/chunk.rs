@@ -6,9 +6,14 @@
 //! its chunk table:
 //!
 //! ```text
-//! header  16 bytes  magic "PXCHUNKS", version u16 = 1, chunk_bits u8, reserved u8, count u32
-//! entry   48 bytes  sha256 [32], length u32, stored_length u32, compression u8, reserved [7]
+//! header  16 bytes  magic "PXCHUNKS", version u16 = 2, chunk_bits u8, reserved u8, count u32
+//! entry   80 bytes  sha256 [32], length u32, stored_length u32, compression u8, reserved [7],
+//!                   sha256 of the stored bytes [32]
 //! ```
+//!
+//! The stored bytes' own digest (version 2) lets a store that names objects by their content
+//! (an OCI registry) find a chunk, and lets a reader refuse damaged bytes before it
+//! decompresses them. Version 1 tables (48-byte entries, without it) are still read.
 //!
 //! A builder fills a [`ChunkTable`] and encodes it. A reader never decodes a whole table into
 //! memory: it opens the encoded bytes in place as a [`ChunkTableView`] (header checked, O(1))
@@ -29,9 +34,10 @@ pub const MIN_CHUNK_BITS: u8 = 12;
 pub const MAX_CHUNK_BITS: u8 = 26;
 pub const DEFAULT_CHUNK_BITS: u8 = 20;
 const TABLE_MAGIC: &[u8; 8] = b"PXCHUNKS";
-const TABLE_VERSION: u16 = 1;
+const TABLE_VERSION: u16 = 2;
 const TABLE_HEADER_SIZE: usize = 16;
-const ENTRY_SIZE: usize = 48;
+const V1_ENTRY_SIZE: usize = 48;
+const ENTRY_SIZE: usize = 80;
 
 /// A sha256 digest: the name of a chunk, and of an image.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -84,6 +90,8 @@ pub struct ChunkEntry {
     /// Length of the object in the store.
     pub stored_length: u32,
     pub compression: Compression,
+    /// The sha256 of the stored bytes; None in a version 1 table.
+    pub stored_digest: Option<Digest>,
 }
 
 /// A chunk table built in memory, to be encoded into an image file.
@@ -94,10 +102,13 @@ pub struct ChunkTable {
 }
 
 impl ChunkTable {
+    /// Encodes a version 2 table when every entry knows its stored digest, else version 1.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(TABLE_HEADER_SIZE + self.entries.len() * ENTRY_SIZE);
+        let v2 = self.entries.iter().all(|e| e.stored_digest.is_some());
+        let (version, entry_size) = if v2 { (TABLE_VERSION, ENTRY_SIZE) } else { (1, V1_ENTRY_SIZE) };
+        let mut out = Vec::with_capacity(TABLE_HEADER_SIZE + self.entries.len() * entry_size);
         out.extend_from_slice(TABLE_MAGIC);
-        out.extend_from_slice(&TABLE_VERSION.to_le_bytes());
+        out.extend_from_slice(&version.to_le_bytes());
         out.push(self.chunk_bits);
         out.push(0);
         out.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
@@ -107,6 +118,9 @@ impl ChunkTable {
             out.extend_from_slice(&e.stored_length.to_le_bytes());
             out.push(e.compression as u8);
             out.extend_from_slice(&[0u8; 7]);
+            if let (true, Some(stored)) = (v2, e.stored_digest) {
+                out.extend_from_slice(&stored.0);
+            }
         }
         out
     }
@@ -141,6 +155,7 @@ pub struct ChunkTableView {
     bytes: ImageBytes,
     chunk_bits: u8,
     len: usize,
+    entry_size: usize,
 }
 
 impl ChunkTableView {
@@ -152,9 +167,11 @@ impl ChunkTableView {
             return Err(FormatError::BadMagic { what: "chunk table" });
         }
         let version = u16::from_le_bytes([header[8], header[9]]);
-        if version != TABLE_VERSION {
-            return Err(FormatError::Unsupported { what: "chunk table version", value: version.into() });
-        }
+        let entry_size = match version {
+            1 => V1_ENTRY_SIZE,
+            TABLE_VERSION => ENTRY_SIZE,
+            _ => return Err(FormatError::Unsupported { what: "chunk table version", value: version.into() }),
+        };
         if header[11] != 0 {
             return Err(bad("reserved header byte is not zero".into()));
         }
@@ -164,10 +181,10 @@ impl ChunkTableView {
         }
         let len = le32(header, 12) as usize;
         let body_len = bytes.len().saturating_sub(TABLE_HEADER_SIZE);
-        if len.checked_mul(ENTRY_SIZE) != Some(body_len) {
-            return Err(bad(format!("{len} entries need {} bytes, have {body_len}", len.saturating_mul(ENTRY_SIZE))));
+        if len.checked_mul(entry_size) != Some(body_len) {
+            return Err(bad(format!("{len} entries need {} bytes, have {body_len}", len.saturating_mul(entry_size))));
         }
-        Ok(ChunkTableView { bytes, chunk_bits, len })
+        Ok(ChunkTableView { bytes, chunk_bits, len, entry_size })
     }
 
     pub fn chunk_bits(&self) -> u8 {
@@ -197,8 +214,8 @@ impl ChunkTableView {
         if index >= self.len {
             return Err(FormatError::corrupt("chunk table", format!("no entry {index} in a table of {}", self.len)));
         }
-        let at = (TABLE_HEADER_SIZE + index * ENTRY_SIZE) as u64;
-        decode_entry(slice_at(&self.bytes, at, ENTRY_SIZE as u64, "chunk table entry")?, self.chunk_bits, index)
+        let at = (TABLE_HEADER_SIZE + index * self.entry_size) as u64;
+        decode_entry(slice_at(&self.bytes, at, self.entry_size as u64, "chunk table entry")?, self.chunk_bits, index)
     }
 
     /// Every entry in blob order, each decoded and checked as it is reached.
@@ -224,7 +241,8 @@ impl ChunkTableView {
     }
 }
 
-/// Decodes and checks the encoded entry `e`, entry `index` of a table of `chunk_bits`.
+/// Decodes and checks the encoded entry `e` (48 bytes: version 1; 80: version 2), entry
+/// `index` of a table of `chunk_bits`.
 fn decode_entry(e: &[u8], chunk_bits: u8, index: usize) -> Result<ChunkEntry, FormatError> {
     let bad = |detail: String| FormatError::corrupt("chunk table", detail);
     let entry = ChunkEntry {
@@ -236,8 +254,9 @@ fn decode_entry(e: &[u8], chunk_bits: u8, index: usize) -> Result<ChunkEntry, Fo
             1 => Compression::Zstd,
             other => return Err(bad(format!("entry {index} has compression {other}"))),
         },
+        stored_digest: (e.len() == ENTRY_SIZE).then(|| Digest(e[V1_ENTRY_SIZE..].try_into().expect("32 bytes"))),
     };
-    if e[41..ENTRY_SIZE].iter().any(|&b| b != 0) {
+    if e[41..V1_ENTRY_SIZE].iter().any(|&b| b != 0) {
         return Err(bad(format!("entry {index} has non-zero reserved bytes")));
     }
     let raw_mismatch = entry.compression == Compression::None && entry.stored_length != entry.length;
@@ -270,6 +289,9 @@ fn decode(entry: &ChunkEntry, stored: Cow<'_, [u8]>) -> Result<Vec<u8>, FormatEr
     if stored.len() != entry.stored_length as usize {
         return Err(bad(format!("stored length {} instead of {}", stored.len(), entry.stored_length)));
     }
+    if entry.stored_digest.is_some_and(|d| d != Digest::of(&stored)) {
+        return Err(bad("sha256 of the stored bytes mismatch".into()));
+    }
     let data = match entry.compression {
         Compression::None => stored.into_owned(),
         Compression::Zstd => zstd::bulk::decompress(&stored, entry.length as usize)
@@ -296,6 +318,7 @@ mod tests {
             length: data.len() as u32,
             stored_length: stored.len() as u32,
             compression,
+            stored_digest: Some(Digest::of(&stored)),
         };
         (entry, stored)
     }
@@ -319,6 +342,9 @@ mod tests {
         stored[last] ^= 0x40;
         assert!(matches!(decode_chunk(&entry, &stored), Err(FormatError::ChunkCorrupt { .. })));
         assert!(decode_chunk(&entry, &stored[..last]).is_err());
+        // A version 1 entry, without the stored digest: caught after decoding.
+        let v1 = ChunkEntry { stored_digest: None, ..entry };
+        assert!(matches!(decode_chunk(&v1, &stored), Err(FormatError::ChunkCorrupt { .. })));
     }
 
     #[test]
@@ -328,6 +354,7 @@ mod tests {
         assert!("zz".parse::<Digest>().is_err());
     }
 
+    /// A version 2 table of entries of `lengths`.
     fn table_of(chunk_bits: u8, lengths: &[u32]) -> ChunkTable {
         ChunkTable {
             chunk_bits,
@@ -339,9 +366,24 @@ mod tests {
                     length,
                     stored_length: length,
                     compression: Compression::None,
+                    stored_digest: Some(Digest::of(&(i as u64 + 1000).to_le_bytes())),
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn version_1_tables_still_read_without_stored_digests() {
+        let mut table = table_of(12, &[4096, 100]);
+        table.entries.iter_mut().for_each(|e| e.stored_digest = None);
+        let bytes = table.encode();
+        assert_eq!(u16::from_le_bytes([bytes[8], bytes[9]]), 1);
+        assert_eq!(bytes.len(), TABLE_HEADER_SIZE + 2 * V1_ENTRY_SIZE);
+        let view = view_of(&table);
+        assert_eq!(view.entries().collect::<Result<Vec<_>, _>>().unwrap(), table.entries);
+        let v2 = table_of(12, &[4096, 100]).encode();
+        assert_eq!(u16::from_le_bytes([v2[8], v2[9]]), 2);
+        assert_eq!(v2.len(), TABLE_HEADER_SIZE + 2 * ENTRY_SIZE);
     }
 
     fn view_of(table: &ChunkTable) -> ChunkTableView {
@@ -450,7 +492,7 @@ mod tests {
         }
 
         #[test]
-        fn mutated_tables_never_panic(flip in 0usize..(16 + 48 * 3), bit in 0u8..8, cut in 0usize..(16 + 48 * 3)) {
+        fn mutated_tables_never_panic(flip in 0usize..(16 + 80 * 3), bit in 0u8..8, cut in 0usize..(16 + 80 * 3)) {
             let table = ChunkTable {
                 chunk_bits: 20,
                 entries: (1..=3u32).map(|l| ChunkEntry {
@@ -458,6 +500,7 @@ mod tests {
                     length: l * 100,
                     stored_length: l * 50,
                     compression: Compression::Zstd,
+                    stored_digest: Some(Digest::of(&[l as u8])),
                 }).collect(),
             };
             let mut bytes = table.encode();

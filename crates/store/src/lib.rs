@@ -3,7 +3,7 @@
 //! Owns: the [`ChunkStore`] trait (a few self-describing, idempotent operations keyed by
 //! digest, so that any process can repeat any request), the store URLs users name stores by
 //! ([`StoreUrl`]), and the backends: the local directory, S3 and plain HTTP (through
-//! `object_store`), and mirrors of one store tried in turn. Also the check that a store holds
+//! `object_store`), OCI registries, and mirrors of one store tried in turn. Also the check that a store holds
 //! every chunk of an image, verified.
 //!
 //! Every failure says whether asking again may help ([`StoreError::is_definite`]): a store
@@ -17,8 +17,10 @@
 
 mod image;
 mod local;
+mod transport;
 mod memory;
 mod mirrors;
+mod oci;
 mod patient;
 mod remote;
 mod url;
@@ -28,13 +30,14 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use phoenixfs_format::{Digest, ImageId};
+use phoenixfs_format::{ChunkEntry, ImageId};
 use thiserror::Error;
 
 pub use image::{load_image, ImageLoadError};
 pub use local::LocalStore;
 pub use memory::MemoryStore;
 pub use mirrors::Mirrors;
+pub use oci::OciStore;
 pub use patient::Patient;
 pub use remote::RemoteStore;
 pub use url::StoreUrl;
@@ -82,13 +85,16 @@ pub enum StoreError {
     ReadOnly { store: String, why: &'static str },
     #[error("store {url}: {detail}")]
     BadUrl { url: String, detail: String },
+    /// The store refused us (credentials), or cannot hold what was asked.
+    #[error("store {store}: {detail}")]
+    Denied { store: String, detail: String },
 }
 
 impl StoreError {
     /// True when asking again cannot change the answer: a healthy store's "not there", a
     /// read-only store, a bad URL. Everything else is an outage to wait out.
     pub fn is_definite(&self) -> bool {
-        matches!(self, StoreError::NotFound { .. } | StoreError::ReadOnly { .. } | StoreError::BadUrl { .. })
+        matches!(self, StoreError::NotFound { .. } | StoreError::ReadOnly { .. } | StoreError::BadUrl { .. } | StoreError::Denied { .. })
     }
 
     /// A short name of the kind of failure, for counters.
@@ -99,6 +105,7 @@ impl StoreError {
             StoreError::Unavailable { outage, .. } => outage.name(),
             StoreError::ReadOnly { .. } => "read_only",
             StoreError::BadUrl { .. } => "bad_url",
+            StoreError::Denied { .. } => "denied",
         }
     }
 }
@@ -109,10 +116,12 @@ pub trait ChunkStore: Send + Sync {
     /// A human-readable location, for messages.
     fn location(&self) -> String;
     /// The stored bytes of a chunk, as written by `put_chunk` (not decoded, not verified).
-    fn get_chunk(&self, digest: &Digest) -> Result<Vec<u8>, StoreError>;
+    /// A store finds it by the chunk's digest, or (one that names objects by content) by
+    /// the digest of its stored bytes.
+    fn get_chunk(&self, chunk: &ChunkEntry) -> Result<Vec<u8>, StoreError>;
     /// The stored length of a chunk, or None when the store does not have it.
-    fn chunk_len(&self, digest: &Digest) -> Result<Option<u64>, StoreError>;
-    fn put_chunk(&self, digest: &Digest, stored: &[u8]) -> Result<(), StoreError>;
+    fn chunk_len(&self, chunk: &ChunkEntry) -> Result<Option<u64>, StoreError>;
+    fn put_chunk(&self, chunk: &ChunkEntry, stored: &[u8]) -> Result<(), StoreError>;
     fn get_image(&self, id: &ImageId) -> Result<Vec<u8>, StoreError>;
     /// Stores an image file durably; chunks put before are durable first.
     fn put_image(&self, id: &ImageId, image_file: &[u8]) -> Result<(), StoreError>;
@@ -123,6 +132,7 @@ pub trait ChunkStore: Send + Sync {
 pub fn open(url: &StoreUrl) -> Result<Arc<dyn ChunkStore>, StoreError> {
     Ok(match url {
         StoreUrl::Local(root) => Arc::new(LocalStore::at(root)),
+        StoreUrl::Oci { host, repository } => Arc::new(OciStore::open(&url.to_string(), host, repository)?),
         remote => Arc::new(RemoteStore::open(remote)?),
     })
 }

@@ -14,7 +14,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use phoenixfs_format::{Digest, ImageId};
+use phoenixfs_format::{ChunkEntry, Digest, ImageId};
 use tempfile::NamedTempFile;
 
 use crate::{ChunkStore, Outage, StoreError};
@@ -114,15 +114,15 @@ impl ChunkStore for LocalStore {
         self.root.display().to_string()
     }
 
-    fn get_chunk(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
-        self.read_object(&self.chunk_path(digest), "chunk", digest.to_hex())
+    fn get_chunk(&self, chunk: &ChunkEntry) -> Result<Vec<u8>, StoreError> {
+        self.read_object(&self.chunk_path(&chunk.digest), "chunk", chunk.digest.to_hex())
     }
 
-    fn chunk_len(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
-        let path = self.chunk_path(digest);
+    fn chunk_len(&self, chunk: &ChunkEntry) -> Result<Option<u64>, StoreError> {
+        let path = self.chunk_path(&chunk.digest);
         match fs::metadata(&path) {
             Ok(meta) => Ok(Some(meta.len())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => match self.not_found("chunk", digest.to_hex()) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match self.not_found("chunk", chunk.digest.to_hex()) {
                 StoreError::NotFound { .. } => Ok(None),
                 outage => Err(outage),
             },
@@ -130,8 +130,8 @@ impl ChunkStore for LocalStore {
         }
     }
 
-    fn put_chunk(&self, digest: &Digest, stored: &[u8]) -> Result<(), StoreError> {
-        self.write_object(&self.chunk_path(digest), stored, false)
+    fn put_chunk(&self, chunk: &ChunkEntry, stored: &[u8]) -> Result<(), StoreError> {
+        self.write_object(&self.chunk_path(&chunk.digest), stored, false)
     }
 
     fn get_image(&self, id: &ImageId) -> Result<Vec<u8>, StoreError> {
@@ -145,6 +145,14 @@ impl ChunkStore for LocalStore {
     }
 }
 
+/// The entry of `data` kept raw, for tests.
+#[cfg(test)]
+pub(crate) fn raw_chunk(data: &[u8]) -> ChunkEntry {
+    let digest = Digest::of(data);
+    let length = data.len() as u32;
+    ChunkEntry { digest, length, stored_length: length, compression: phoenixfs_format::Compression::None, stored_digest: Some(digest) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,14 +161,14 @@ mod tests {
     fn chunks_round_trip_and_missing_ones_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::create(&dir.path().join("s")).unwrap();
-        let digest = Digest::of(b"abc");
-        assert_eq!(store.chunk_len(&digest).unwrap(), None);
-        let err = store.get_chunk(&digest).unwrap_err().to_string();
-        assert!(err.contains(&digest.to_hex()), "{err}");
-        store.put_chunk(&digest, b"abc").unwrap();
-        store.put_chunk(&digest, b"abc").unwrap();
-        assert_eq!(store.get_chunk(&digest).unwrap(), b"abc");
-        assert_eq!(store.chunk_len(&digest).unwrap(), Some(3));
+        let digest = &raw_chunk(b"abc");
+        assert_eq!(store.chunk_len(digest).unwrap(), None);
+        let err = store.get_chunk(digest).unwrap_err().to_string();
+        assert!(err.contains(&digest.digest.to_hex()), "{err}");
+        store.put_chunk(digest, b"abc").unwrap();
+        store.put_chunk(digest, b"abc").unwrap();
+        assert_eq!(store.get_chunk(digest).unwrap(), b"abc");
+        assert_eq!(store.chunk_len(digest).unwrap(), Some(3));
         assert_eq!(fs::read_dir(dir.path().join("s/tmp")).unwrap().count(), 0);
     }
 
@@ -168,11 +176,11 @@ mod tests {
     fn a_store_directory_that_is_gone_is_an_outage_not_an_answer() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::create(&dir.path().join("s")).unwrap();
-        let digest = Digest::of(b"abc");
-        assert!(store.get_chunk(&digest).unwrap_err().is_definite());
+        let digest = &raw_chunk(b"abc");
+        assert!(store.get_chunk(digest).unwrap_err().is_definite());
         fs::rename(dir.path().join("s"), dir.path().join("away")).unwrap();
-        let err = store.get_chunk(&digest).unwrap_err();
+        let err = store.get_chunk(digest).unwrap_err();
         assert!(!err.is_definite() && err.kind() == "unreachable", "{err}");
-        assert!(store.chunk_len(&digest).is_err());
+        assert!(store.chunk_len(digest).is_err());
     }
 }

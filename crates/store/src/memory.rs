@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use phoenixfs_format::{Digest, ImageId};
+use phoenixfs_format::{ChunkEntry, Digest, ImageId};
 
 use crate::{ChunkStore, StoreError};
 
@@ -32,7 +32,8 @@ impl ChunkStore for MemoryStore {
         "memory".into()
     }
 
-    fn get_chunk(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
+    fn get_chunk(&self, chunk: &ChunkEntry) -> Result<Vec<u8>, StoreError> {
+        let digest = &chunk.digest;
         self.chunk_reads.fetch_add(1, Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(self.read_delay_ms.load(Ordering::Relaxed)));
         let mut data = self.chunks.lock().expect("not poisoned").get(digest).cloned().ok_or_else(|| StoreError::NotFound {
@@ -48,12 +49,12 @@ impl ChunkStore for MemoryStore {
         Ok(data)
     }
 
-    fn chunk_len(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
-        Ok(self.chunks.lock().expect("not poisoned").get(digest).map(|d| d.len() as u64))
+    fn chunk_len(&self, chunk: &ChunkEntry) -> Result<Option<u64>, StoreError> {
+        Ok(self.chunks.lock().expect("not poisoned").get(&chunk.digest).map(|d| d.len() as u64))
     }
 
-    fn put_chunk(&self, digest: &Digest, stored: &[u8]) -> Result<(), StoreError> {
-        self.chunks.lock().expect("not poisoned").insert(*digest, stored.to_vec());
+    fn put_chunk(&self, chunk: &ChunkEntry, stored: &[u8]) -> Result<(), StoreError> {
+        self.chunks.lock().expect("not poisoned").insert(chunk.digest, stored.to_vec());
         Ok(())
     }
 

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use phoenixfs_format::{Digest, ImageId};
+use phoenixfs_format::{ChunkEntry, ImageId};
 
 use crate::{ChunkStore, StoreError};
 
@@ -46,15 +46,15 @@ impl ChunkStore for Mirrors {
         self.stores.iter().map(|s| s.location()).collect::<Vec<_>>().join(" | ")
     }
 
-    fn get_chunk(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
-        self.read(|store| store.get_chunk(digest))
+    fn get_chunk(&self, chunk: &ChunkEntry) -> Result<Vec<u8>, StoreError> {
+        self.read(|store| store.get_chunk(chunk))
     }
 
-    fn chunk_len(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
-        self.read(|store| match store.chunk_len(digest) {
+    fn chunk_len(&self, chunk: &ChunkEntry) -> Result<Option<u64>, StoreError> {
+        self.read(|store| match store.chunk_len(chunk) {
             Ok(Some(len)) => Ok(len),
             // Absent from one mirror is not absent from all: ask the next.
-            Ok(None) => Err(StoreError::NotFound { store: store.location(), what: "chunk", key: digest.to_hex() }),
+            Ok(None) => Err(StoreError::NotFound { store: store.location(), what: "chunk", key: chunk.digest.to_hex() }),
             Err(e) => Err(e),
         })
         .map(Some)
@@ -64,8 +64,8 @@ impl ChunkStore for Mirrors {
         })
     }
 
-    fn put_chunk(&self, digest: &Digest, stored: &[u8]) -> Result<(), StoreError> {
-        self.stores[0].put_chunk(digest, stored)
+    fn put_chunk(&self, chunk: &ChunkEntry, stored: &[u8]) -> Result<(), StoreError> {
+        self.stores[0].put_chunk(chunk, stored)
     }
 
     fn get_image(&self, id: &ImageId) -> Result<Vec<u8>, StoreError> {
@@ -80,6 +80,7 @@ impl ChunkStore for Mirrors {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::local::raw_chunk;
     use crate::{LocalStore, MemoryStore};
 
     #[test]
@@ -87,12 +88,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let down = Arc::new(LocalStore::at(&dir.path().join("missing")));
         let up = Arc::new(MemoryStore::new());
-        let digest = Digest::of(b"abc");
+        let digest = raw_chunk(b"abc");
         up.put_chunk(&digest, b"abc").unwrap();
         let mirrors = Mirrors::new(vec![down, up.clone()]);
         assert_eq!(mirrors.get_chunk(&digest).unwrap(), b"abc");
         assert_eq!(mirrors.preferred.load(Ordering::Relaxed), 1);
-        let absent = Digest::of(b"xyz");
+        let absent = raw_chunk(b"xyz");
         let err = mirrors.get_chunk(&absent).unwrap_err();
         assert!(!err.is_definite(), "one mirror is down, so this is no answer: {err}");
         assert!(mirrors.chunk_len(&absent).is_err(), "one mirror is down: no answer");

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use phoenixfs_format::{Digest, ImageId};
+use phoenixfs_format::{ChunkEntry, ImageId};
 use tracing::debug;
 
 use crate::{ChunkStore, StoreError};
@@ -45,16 +45,16 @@ impl ChunkStore for Patient {
         self.inner.location()
     }
 
-    fn get_chunk(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
-        self.ask("get chunk", |s| s.get_chunk(digest))
+    fn get_chunk(&self, chunk: &ChunkEntry) -> Result<Vec<u8>, StoreError> {
+        self.ask("get chunk", |s| s.get_chunk(chunk))
     }
 
-    fn chunk_len(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
-        self.ask("check chunk", |s| s.chunk_len(digest))
+    fn chunk_len(&self, chunk: &ChunkEntry) -> Result<Option<u64>, StoreError> {
+        self.ask("check chunk", |s| s.chunk_len(chunk))
     }
 
-    fn put_chunk(&self, digest: &Digest, stored: &[u8]) -> Result<(), StoreError> {
-        self.ask("put chunk", |s| s.put_chunk(digest, stored))
+    fn put_chunk(&self, chunk: &ChunkEntry, stored: &[u8]) -> Result<(), StoreError> {
+        self.ask("put chunk", |s| s.put_chunk(chunk, stored))
     }
 
     fn get_image(&self, id: &ImageId) -> Result<Vec<u8>, StoreError> {

@@ -6,52 +6,26 @@
 //! off: the caller (the chunk cache) owns the retry policy, and must see every failure to
 //! count it and to decide between waiting and giving up.
 
-use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 use object_store::aws::AmazonS3Builder;
 use object_store::http::HttpBuilder;
 use object_store::path::Path as ObjectPath;
 use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
-use phoenixfs_format::{Digest, ImageId};
+use phoenixfs_format::{ChunkEntry, Digest, ImageId};
 use tokio::runtime::Runtime;
 
+use crate::transport::{hedged, runtime, Latencies, CONNECT_TIMEOUT, REQUEST_TIMEOUT};
 use crate::{ChunkStore, Outage, StoreError, StoreUrl};
-
-/// Longest a single request may take; a slower one is an outage (and retried by the caller).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Latencies kept to estimate the p99, and how many make an estimate; before that, a read
-/// is hedged after `FIRST_HEDGE_DELAY`.
-const LATENCY_WINDOW: usize = 256;
-const HEDGE_AFTER_SAMPLES: usize = 16;
-const FIRST_HEDGE_DELAY: Duration = Duration::from_secs(1);
-/// Never hedge sooner than this: on loopback the p99 can be far below a scheduler tick.
-const MIN_HEDGE_DELAY: Duration = Duration::from_millis(20);
-
-/// The runtime all remote stores of this process share: two threads drive every connection.
-fn runtime() -> Result<&'static Runtime, StoreError> {
-    static RUNTIME: OnceLock<Runtime> = OnceLock::new();
-    if let Some(runtime) = RUNTIME.get() {
-        return Ok(runtime);
-    }
-    let built = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("store-io")
-        .enable_all()
-        .build()
-        .map_err(|e| StoreError::Unavailable { store: "(runtime)".into(), outage: Outage::Other, detail: format!("starting the I/O runtime: {e}") })?;
-    Ok(RUNTIME.get_or_init(|| built))
-}
 
 pub struct RemoteStore {
     url: String,
     objects: Arc<dyn ObjectStore>,
     prefix: String,
     read_only: bool,
-    latencies: Mutex<VecDeque<Duration>>,
+    latencies: Latencies,
     runtime: &'static Runtime,
 }
 
@@ -81,9 +55,9 @@ impl RemoteStore {
                 let builder = HttpBuilder::new().with_url(base).with_client_options(client).with_retry(retry);
                 (Arc::new(builder.build().map_err(bad)?), String::new(), true)
             }
-            StoreUrl::Local(_) => unreachable!("local stores are opened by store::open"),
+            StoreUrl::Local(_) | StoreUrl::Oci { .. } => unreachable!("local and OCI stores are opened by store::open"),
         };
-        Ok(RemoteStore { url: url.to_string(), objects, prefix, read_only, latencies: Mutex::new(VecDeque::new()), runtime: runtime()? })
+        Ok(RemoteStore { url: url.to_string(), objects, prefix, read_only, latencies: Latencies::default(), runtime: runtime()? })
     }
 
     fn path(&self, key: &str) -> ObjectPath {
@@ -98,25 +72,6 @@ impl RemoteStore {
         format!("chunks/{}/{hex}", &hex[..2])
     }
 
-    /// When a read should get a second request: after the recent p99.
-    fn hedge_delay(&self) -> Duration {
-        let latencies = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
-        if latencies.len() < HEDGE_AFTER_SAMPLES {
-            return FIRST_HEDGE_DELAY;
-        }
-        let mut sorted: Vec<Duration> = latencies.iter().copied().collect();
-        sorted.sort_unstable();
-        sorted[sorted.len() * 99 / 100].max(MIN_HEDGE_DELAY)
-    }
-
-    fn record_latency(&self, took: Duration) {
-        let mut latencies = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
-        if latencies.len() == LATENCY_WINDOW {
-            latencies.pop_front();
-        }
-        latencies.push_back(took);
-    }
-
     /// Reads one object whole; a read slower than the recent p99 is raced by a second one.
     fn read(&self, key: &str, what: &'static str, name: String) -> Result<Vec<u8>, StoreError> {
         let path = self.path(key);
@@ -129,11 +84,11 @@ impl RemoteStore {
                 (started.elapsed(), result)
             }
         };
-        let hedge = self.hedge_delay();
+        let hedge = self.latencies.hedge_delay();
         let (took, result) = self.runtime.block_on(hedged(once, hedge));
         match result {
             Ok(Ok(bytes)) => {
-                self.record_latency(took);
+                self.latencies.record(took);
                 Ok(Vec::from(bytes))
             }
             Ok(Err(object_store::Error::NotFound { .. })) => Err(StoreError::NotFound { store: self.url.clone(), what, key: name }),
@@ -169,27 +124,6 @@ impl RemoteStore {
     }
 }
 
-/// Runs `once()`; if it has not finished after `hedge`, runs it again beside the first and
-/// takes whichever finishes first.
-async fn hedged<F, Fut, T>(once: F, hedge: Duration) -> T
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = T>,
-{
-    let first = once();
-    tokio::pin!(first);
-    tokio::select! {
-        done = &mut first => return done,
-        _ = tokio::time::sleep(hedge) => {}
-    }
-    tracing::debug!(after_ms = hedge.as_millis() as u64, "slow read; sending a hedged request");
-    let second = once();
-    tokio::select! {
-        done = &mut first => done,
-        done = second => done,
-    }
-}
-
 /// What kind of outage an `object_store` error is, from its HTTP error kind and status.
 fn classify(error: &object_store::Error) -> Outage {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
@@ -220,12 +154,12 @@ impl ChunkStore for RemoteStore {
         self.url.clone()
     }
 
-    fn get_chunk(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
-        self.read(&Self::chunk_key(digest), "chunk", digest.to_hex())
+    fn get_chunk(&self, chunk: &ChunkEntry) -> Result<Vec<u8>, StoreError> {
+        self.read(&Self::chunk_key(&chunk.digest), "chunk", chunk.digest.to_hex())
     }
 
-    fn chunk_len(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
-        let path = self.path(&Self::chunk_key(digest));
+    fn chunk_len(&self, chunk: &ChunkEntry) -> Result<Option<u64>, StoreError> {
+        let path = self.path(&Self::chunk_key(&chunk.digest));
         match self.timed(self.objects.head(&path)) {
             Ok(Ok(meta)) => Ok(Some(meta.size)),
             Ok(Err(object_store::Error::NotFound { .. })) => Ok(None),
@@ -234,8 +168,8 @@ impl ChunkStore for RemoteStore {
         }
     }
 
-    fn put_chunk(&self, digest: &Digest, stored: &[u8]) -> Result<(), StoreError> {
-        self.write(&Self::chunk_key(digest), stored)
+    fn put_chunk(&self, chunk: &ChunkEntry, stored: &[u8]) -> Result<(), StoreError> {
+        self.write(&Self::chunk_key(&chunk.digest), stored)
     }
 
     fn get_image(&self, id: &ImageId) -> Result<Vec<u8>, StoreError> {

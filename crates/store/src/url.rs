@@ -4,6 +4,7 @@
 //! /path/to/store, file:///path          a local directory
 //! s3://BUCKET[/PREFIX][?endpoint=URL&region=NAME]
 //! http://HOST[:PORT][/PATH], https://…  read-only, any static server of a store's files
+//! oci://HOST[:PORT]/REPOSITORY           an OCI registry's repository (blobs by digest)
 //! ```
 //!
 //! Remote stores lay objects out as the local one does (`chunks/ab/<hex>`, `images/<id>`), so a
@@ -15,7 +16,7 @@ use std::str::FromStr;
 
 use crate::StoreError;
 
-const KNOWN: &str = "a local path, file://, s3://, http:// or https://";
+const KNOWN: &str = "a local path, file://, s3://, oci://, http:// or https://";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreUrl {
@@ -30,6 +31,8 @@ pub enum StoreUrl {
     },
     /// The base URL, without a trailing slash.
     Http(String),
+    /// A registry (`host[:port]`) and a repository in it.
+    Oci { host: String, repository: String },
 }
 
 impl StoreUrl {
@@ -86,6 +89,16 @@ impl FromStr for StoreUrl {
                 Some(host) if !host.is_empty() => Ok(StoreUrl::Http(text.trim_end_matches('/').to_string())),
                 _ => Err(bad("no host".into())),
             },
+            "oci" => match rest.trim_end_matches('/').split_once('/') {
+                Some((host, repository)) if !host.is_empty() && !repository.is_empty() => {
+                    let valid = repository.split('/').all(|part| !part.is_empty() && part.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c)));
+                    match valid {
+                        true => Ok(StoreUrl::Oci { host: host.to_string(), repository: repository.to_string() }),
+                        false => Err(bad(format!("{repository:?} is not a repository name (lowercase letters, digits, . _ - and /)"))),
+                    }
+                }
+                _ => Err(bad("an OCI store is oci://HOST[:PORT]/REPOSITORY".into())),
+            },
             other => Err(bad(format!("unknown scheme {other}://; a store is {KNOWN}"))),
         }
     }
@@ -119,6 +132,7 @@ impl fmt::Display for StoreUrl {
                 Ok(())
             }
             StoreUrl::Http(base) => f.write_str(base),
+            StoreUrl::Oci { host, repository } => write!(f, "oci://{host}/{repository}"),
         }
     }
 }
@@ -144,6 +158,9 @@ mod tests {
         assert_eq!(s3.to_string(), "s3://bucket/a/b?endpoint=http://127.0.0.1:8333&region=eu-west-1");
         assert_eq!(parse("s3://bucket").unwrap().to_string(), "s3://bucket");
         assert_eq!(parse("http://127.0.0.1:8080/store/").unwrap(), StoreUrl::Http("http://127.0.0.1:8080/store".into()));
+        let oci = parse("oci://127.0.0.1:5000/team/images/").unwrap();
+        assert_eq!(oci, StoreUrl::Oci { host: "127.0.0.1:5000".into(), repository: "team/images".into() });
+        assert_eq!(oci.to_string(), "oci://127.0.0.1:5000/team/images");
     }
 
     #[test]
@@ -154,6 +171,8 @@ mod tests {
         assert!(parse("s3://b/x?color=red").unwrap_err().contains("color=red"));
         assert!(parse("http:///x").unwrap_err().contains("no host"));
         assert!(parse("file://relative").unwrap_err().contains("absolute"));
+        assert!(parse("oci://host").unwrap_err().contains("oci://HOST"));
+        assert!(parse("oci://host/Upper").unwrap_err().contains("not a repository name"));
         assert!(parse("").is_err());
     }
 

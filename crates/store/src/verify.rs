@@ -27,7 +27,7 @@ pub fn verify_chunks(
         .into_par_iter()
         .enumerate()
         .filter_map(|(index, entry)| {
-            let problem = match store.get_chunk(&entry.digest) {
+            let problem = match store.get_chunk(&entry) {
                 Ok(stored) => decode_chunk(&entry, &stored).err().map(|e| ChunkProblem::Corrupt(e.to_string())),
                 Err(StoreError::NotFound { .. }) => Some(ChunkProblem::Missing),
                 Err(e) => Some(ChunkProblem::Unreadable(e)),

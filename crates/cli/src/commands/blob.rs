@@ -17,7 +17,7 @@ pub fn run(image: &str, store: &StoreUrl, output: &Path) -> Result<ExitCode> {
     out.set_len(file.table.blob_len()).with_context(|| format!("sizing {}", output.display()))?;
     for (index, entry) in file.table.entries().enumerate() {
         let entry = entry.with_context(|| format!("image {image} is corrupt"))?;
-        let stored = store.get_chunk(&entry.digest)?;
+        let stored = store.get_chunk(&entry)?;
         let data = decode_chunk(&entry, &stored).with_context(|| format!("in store {}", store.location()))?;
         out.write_all_at(&data, index as u64 * file.table.chunk_size())
             .with_context(|| format!("writing {}", output.display()))?;

@@ -33,11 +33,11 @@ pub fn run(image: &str, from: Option<&StoreUrl>, to: &StoreUrl, jobs: usize) -> 
     let pool = rayon::ThreadPoolBuilder::new().num_threads(jobs).thread_name(|i| format!("push-{i}")).build().context("starting upload threads")?;
     pool.install(|| {
         entries.par_iter().try_for_each(|entry| -> Result<()> {
-            let there = destination.chunk_len(&entry.digest)?;
+            let there = destination.chunk_len(entry)?;
             if there != Some(u64::from(entry.stored_length)) {
-                let stored = source.get_chunk(&entry.digest)?;
+                let stored = source.get_chunk(entry)?;
                 decode_chunk(entry, &stored).with_context(|| format!("chunk {} in store {} is corrupt; not pushed", entry.digest, source.location()))?;
-                destination.put_chunk(&entry.digest, &stored)?;
+                destination.put_chunk(entry, &stored)?;
                 sent_chunks.fetch_add(1, Ordering::Relaxed);
                 sent_bytes.fetch_add(stored.len() as u64, Ordering::Relaxed);
             }
