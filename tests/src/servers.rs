@@ -208,6 +208,18 @@ impl SeaweedFs {
     }
 }
 
+/// The servers die with the cluster, and their data with them (a test run would otherwise
+/// leave gigabytes behind).
+impl Drop for SeaweedFs {
+    fn drop(&mut self) {
+        self.s3.kill();
+        self.filer.kill();
+        self.volumes.iter_mut().for_each(Server::kill);
+        self.master.kill();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// The status code of a body-less HTTP/1.1 request to 127.0.0.1:`port`.
 fn http_request(port: u16, method: &str, path: &str) -> std::io::Result<u16> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
@@ -254,6 +266,7 @@ impl Nginx {
 /// its blobs in a directory, anonymous.
 pub struct Registry {
     pub server: Server,
+    dir: PathBuf,
 }
 
 impl Registry {
@@ -270,11 +283,18 @@ impl Registry {
         assert!(registry.exists(), "docker-registry: run scripts/install-servers");
         let mut server = Server::new("registry", registry, vec!["serve".into(), conf.into()], port, &dir);
         server.start();
-        Registry { server }
+        Registry { server, dir }
     }
 
     /// The store URL of `repository` in this registry.
     pub fn store_url(&self, repository: &str) -> String {
         format!("oci://127.0.0.1:{}/{repository}", self.server.port)
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.server.kill();
+        let _ = fs::remove_dir_all(&self.dir);
     }
 }
