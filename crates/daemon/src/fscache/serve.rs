@@ -179,6 +179,8 @@ impl Server {
     pub(super) fn stats(&self) -> WorkerStats {
         let c = &self.counters;
         let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        // The chunk caches ask a failing store again by themselves; their retries count too.
+        let cache_retries: u64 = self.catalog.lock().unwrap_or_else(|p| p.into_inner()).images.values().map(|s| get(&s.cache.stats.fetch_retries)).sum();
         WorkerStats {
             pid: std::process::id(),
             opens: get(&c.opens),
@@ -186,7 +188,7 @@ impl Server {
             objects_open: self.objects.lock().unwrap_or_else(|p| p.into_inner()).len() as u64,
             reads: get(&c.reads),
             bytes_written: get(&c.bytes_written),
-            fetch_retries: get(&c.fetch_retries),
+            fetch_retries: get(&c.fetch_retries) + cache_retries,
             fill_retries: get(&c.fill_retries),
             errors: get(&c.errors),
         }
