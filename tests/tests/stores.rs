@@ -3,6 +3,7 @@
 //! again under chaos readers; a 30 s outage in the middle of a read; worker kills while
 //! fetches from S3 are in flight. Pass: zero application errors, zero wrong bytes.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::Path;
@@ -258,13 +259,19 @@ fn worker_kills_while_fetching_from_s3_cost_nothing() {
     assert_eq!(report.worker_kills, 30);
 }
 
-/// Every chunk file in the cache holds what its name says (its data then a crc32c).
-fn assert_cache_holds_only_good_chunks(cache: &Path) -> usize {
+/// Every chunk file in the cache holds the chunk that `image` keeps under its name (its data,
+/// whose sha256 the image gives, then a crc32c).
+fn assert_cache_holds_only_good_chunks(cache: &Path, image: &Path) -> usize {
+    let image = phoenixfs_format::ImageFile::decode(fs::read(image).unwrap()).unwrap();
+    let by_key: HashMap<String, phoenixfs_format::ChunkEntry> =
+        image.table.entries().map(|e| e.unwrap()).map(|e| (e.cache_key().to_hex(), e)).collect();
     let files = phoenixfs_tests::chunk_files(cache);
     for file in &files {
         let bytes = fs::read(file).unwrap();
         let data = &bytes[..bytes.len() - 4];
-        assert_eq!(hex::encode(Sha256::digest(data)), file.file_name().unwrap().to_str().unwrap(), "{} holds other bytes", file.display());
+        let name = file.file_name().unwrap().to_str().unwrap();
+        let entry = by_key.get(name).unwrap_or_else(|| panic!("{} is no chunk of the image", file.display()));
+        assert_eq!(hex::encode(Sha256::digest(data)), entry.digest.to_hex(), "{} holds other bytes", file.display());
     }
     files.len()
 }
@@ -298,7 +305,7 @@ fn answers_damaged_on_the_way_never_reach_readers_or_the_cache() {
         assert!(proxy.faults_done().iter().all(|&(_, n)| n > 0), "every kind of fault happened: {:?}", proxy.faults_done());
         assert!(status["store_errors"]["corrupt"].as_u64().unwrap_or(0) > 0, "flipped bits were caught: {status}");
         drop(mount);
-        assert!(assert_cache_holds_only_good_chunks(&cache) > 0);
+        assert!(assert_cache_holds_only_good_chunks(&cache, &dataset.image) > 0);
     }
 }
 

@@ -162,7 +162,7 @@ impl Shared<'_> {
             return Ok(ChunkOutcome::Chunk(*entry));
         }
         let (compression, stored) = encode_chunk(&data, self.options.zstd_level);
-        let entry = ChunkEntry { digest, length: len as u32, stored_length: stored.len() as u32, compression, stored_digest: Some(Digest::of(&stored)) };
+        let entry = ChunkEntry::new(digest, len as u32, compression, &stored);
         let present = self.store.chunk_len(&entry)? == Some(stored.len() as u64);
         if !present {
             self.store.put_chunk(&entry, &stored)?;

@@ -1,11 +1,14 @@
 //! The local chunk cache, shared by every image on the host.
 //!
-//! Owns: chunk files under `DIR/chunks/ab/<sha256>` (uncompressed, then a crc32c of the data),
+//! Owns: chunk files under `DIR/chunks/ab/<key>` (uncompressed, then a crc32c of the data),
 //! written under a temporary name and renamed only when complete, so a crash mid-write leaves
-//! nothing under a chunk's name. A chunk's sha256 is verified when it comes from the store;
-//! every load from the cache directory checks its length and crc32c (hardware-accelerated, a
-//! tenth of sha256's cost on the warm read path), and a torn or flipped file is deleted and
-//! fetched again. Concurrent readers of one chunk share one fetch (single-flight).
+//! nothing under a chunk's name. A chunk is verified when it comes from the store, against the
+//! digest its image's table gives ([`ChunkEntry::cache_key`]: the BLAKE3 of its stored bytes,
+//! or for older images its sha256), and is kept under that digest: bytes under a key were
+//! proven by that key whichever image brought them, so no image can plant a chunk another
+//! image reads. Every load from the cache directory checks its length and crc32c
+//! (hardware-accelerated, a tenth of sha256's cost on the warm read path), and a torn or
+//! flipped file is deleted and fetched again. Concurrent readers of one chunk share one fetch (single-flight).
 //! A chunk is looked for in four levels, nearest first:
 //! 1. a small private memory LRU, so the several READ requests that cover one chunk copy it
 //!    once;
@@ -108,19 +111,19 @@ struct Fetching {
 /// Registers a fetch as under way, and unregisters it however the fetch ends.
 struct FetchingGuard<'a> {
     cache: &'a ChunkCache,
-    digest: Digest,
+    key: Digest,
 }
 
 impl<'a> FetchingGuard<'a> {
-    fn begin(cache: &'a ChunkCache, digest: Digest, started: Instant) -> Self {
-        cache.fetching.lock().unwrap_or_else(|p| p.into_inner()).insert(digest, Fetching { started, retrying: false });
-        FetchingGuard { cache, digest }
+    fn begin(cache: &'a ChunkCache, key: Digest, started: Instant) -> Self {
+        cache.fetching.lock().unwrap_or_else(|p| p.into_inner()).insert(key, Fetching { started, retrying: false });
+        FetchingGuard { cache, key }
     }
 }
 
 impl Drop for FetchingGuard<'_> {
     fn drop(&mut self) {
-        self.cache.fetching.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.digest);
+        self.cache.fetching.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
     }
 }
 
@@ -259,8 +262,9 @@ impl ChunkCache {
         (inner.disk.len() as u64, inner.disk_bytes)
     }
 
-    pub fn chunk_path(&self, digest: &Digest) -> PathBuf {
-        let hex = digest.to_hex();
+    /// The cache file of the chunk whose [`ChunkEntry::cache_key`] is `key`.
+    pub fn chunk_path(&self, key: &Digest) -> PathBuf {
+        let hex = key.to_hex();
         self.dir.join("chunks").join(&hex[..2]).join(hex)
     }
 
@@ -271,18 +275,20 @@ impl ChunkCache {
 
     /// Whether the chunk is verified and in memory (private or shared), ready to serve
     /// without I/O.
-    pub fn in_memory(&self, digest: &Digest) -> bool {
-        let private = self.lock().memory.contains_key(digest);
-        private || self.shared.as_ref().is_some_and(|shared| shared.contains(digest))
+    pub fn in_memory(&self, entry: &ChunkEntry) -> bool {
+        let key = entry.cache_key();
+        let private = self.lock().memory.contains_key(&key);
+        private || self.shared.as_ref().is_some_and(|shared| shared.contains(&key))
     }
 
     /// Whether the chunk is cached (in memory or on disk).
-    pub fn contains(&self, digest: &Digest) -> bool {
+    pub fn contains(&self, entry: &ChunkEntry) -> bool {
+        let key = entry.cache_key();
         let cached = {
             let inner = self.lock();
-            inner.memory.contains_key(digest) || inner.disk.contains_key(digest)
+            inner.memory.contains_key(&key) || inner.disk.contains_key(&key)
         };
-        cached || self.shared.as_ref().is_some_and(|shared| shared.contains(digest))
+        cached || self.shared.as_ref().is_some_and(|shared| shared.contains(&key))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -292,20 +298,21 @@ impl ChunkCache {
     /// The verified content of `entry`'s chunk: from memory, from disk, or fetched from
     /// `store`, with every concurrent caller of one chunk waiting on one load.
     pub fn get(&self, entry: &ChunkEntry, store: &dyn ChunkStore) -> Result<Arc<[u8]>, CacheError> {
+        let key = entry.cache_key();
         let flight = {
             let mut inner = self.lock();
             inner.tick += 1;
             let tick = inner.tick;
-            if let Some((data, used)) = inner.memory.get_mut(&entry.digest) {
+            if let Some((data, used)) = inner.memory.get_mut(&key) {
                 *used = tick;
                 self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(data.clone());
             }
-            match inner.flights.get(&entry.digest) {
+            match inner.flights.get(&key) {
                 Some(flight) => Some(flight.clone()),
                 None => {
                     let flight = Arc::new(Flight { result: Mutex::new(None), done: Condvar::new() });
-                    inner.flights.insert(entry.digest, flight);
+                    inner.flights.insert(key, flight);
                     None
                 }
             }
@@ -317,7 +324,7 @@ impl ChunkCache {
             }
             return result.clone().expect("set before notify");
         }
-        let mut leader = FlightLeader { cache: self, digest: entry.digest, result: None };
+        let mut leader = FlightLeader { cache: self, key, digest: entry.digest, result: None };
         let result = self.load_or_fetch(entry, store);
         leader.result = Some(result.clone());
         drop(leader);
@@ -325,51 +332,52 @@ impl ChunkCache {
     }
 
     /// Ends the flight of a chunk: keeps a good result in memory and hands it to the waiters.
-    fn land(&self, digest: &Digest, result: Result<Arc<[u8]>, CacheError>) {
+    fn land(&self, key: &Digest, result: Result<Arc<[u8]>, CacheError>) {
         let flight = {
             let mut inner = self.lock();
             if let Ok(data) = &result {
                 inner.tick += 1;
                 let tick = inner.tick;
-                if inner.memory.insert(*digest, (data.clone(), tick)).is_none() {
+                if inner.memory.insert(*key, (data.clone(), tick)).is_none() {
                     inner.memory_bytes += data.len() as u64;
                 }
                 self.evict_memory(&mut inner);
             }
-            inner.flights.remove(digest).expect("the leader's flight")
+            inner.flights.remove(key).expect("the leader's flight")
         };
         *flight.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
         flight.done.notify_all();
     }
 
     fn load_or_fetch(&self, entry: &ChunkEntry, store: &dyn ChunkStore) -> Result<Arc<[u8]>, CacheError> {
-        if let Some(data) = self.shared.as_ref().and_then(|shared| shared.get(&entry.digest, entry.length as usize)) {
+        let key = entry.cache_key();
+        if let Some(data) = self.shared.as_ref().and_then(|shared| shared.get(&key, entry.length as usize)) {
             return Ok(data);
         }
-        let path = self.chunk_path(&entry.digest);
+        let path = self.chunk_path(&key);
         // Look on disk even when the index does not list the chunk: it may not be built yet,
         // or another process sharing the cache may have written it.
         match read_cached(&path, entry.length as usize) {
             Ok(Some(data)) => {
                 self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
-                self.touch_disk(&entry.digest, (data.len() + CRC_SIZE) as u64);
-                self.put_shared(&entry.digest, &data);
+                self.touch_disk(&key, (data.len() + CRC_SIZE) as u64);
+                self.put_shared(&key, &data);
                 return Ok(data);
             }
             Ok(None) => {
                 warn!(chunk = %entry.digest, "cached chunk is corrupt; discarding it and fetching again");
                 self.stats.corrupt_discarded.fetch_add(1, Ordering::Relaxed);
-                self.forget_disk(&entry.digest);
+                self.forget_disk(&key);
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => {
                 warn!(chunk = %entry.digest, error = %e, "cached chunk unreadable; fetching again");
-                self.forget_disk(&entry.digest);
+                self.forget_disk(&key);
             }
         }
         let data = self.fetch(entry, store)?;
-        self.put_shared(&entry.digest, &data);
-        if let Err(e) = self.store_on_disk(&entry.digest, &data) {
+        self.put_shared(&key, &data);
+        if let Err(e) = self.store_on_disk(&key, &data) {
             warn!(chunk = %entry.digest, error = %e, "cannot write chunk to the cache; serving it from memory");
         }
         Ok(data.into())
@@ -386,7 +394,7 @@ impl ChunkCache {
     fn fetch(&self, entry: &ChunkEntry, store: &dyn ChunkStore) -> Result<Vec<u8>, CacheError> {
         let digest = entry.digest;
         let started = Instant::now();
-        let _fetching = FetchingGuard::begin(self, digest, started);
+        let _fetching = FetchingGuard::begin(self, entry.cache_key(), started);
         let mut backoff = FIRST_BACKOFF;
         let mut not_found = 0;
         for attempt in 1u32.. {
@@ -395,7 +403,7 @@ impl ChunkCache {
                     Ok(data) => {
                         self.stats.fetches.fetch_add(1, Ordering::Relaxed);
                         self.stats.fetched_bytes.fetch_add(u64::from(entry.stored_length), Ordering::Relaxed);
-                        debug!(chunk = %digest, bytes = entry.stored_length, attempt, "fetched");
+                        debug!(chunk = %digest, bytes = entry.stored_length, attempt, took_us = started.elapsed().as_micros() as u64, "fetched");
                         return Ok(data);
                     }
                     Err(e) => ("corrupt", e.to_string(), true),
@@ -423,7 +431,7 @@ impl ChunkCache {
                 });
             }
             self.stats.fetch_retries.fetch_add(1, Ordering::Relaxed);
-            self.fetching.lock().unwrap_or_else(|p| p.into_inner()).entry(digest).and_modify(|f| f.retrying = true);
+            self.fetching.lock().unwrap_or_else(|p| p.into_inner()).entry(entry.cache_key()).and_modify(|f| f.retrying = true);
             continue_after(backoff);
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
@@ -519,6 +527,8 @@ impl ChunkCache {
 /// ends the flight, so waiters never wait for a leader that is gone.
 struct FlightLeader<'a> {
     cache: &'a ChunkCache,
+    key: Digest,
+    /// The chunk's name, for the error if the load unwinds.
     digest: Digest,
     /// None until the load returns: a leader dropped without one unwound.
     result: Option<Result<Arc<[u8]>, CacheError>>,
@@ -527,7 +537,7 @@ struct FlightLeader<'a> {
 impl Drop for FlightLeader<'_> {
     fn drop(&mut self) {
         let result = self.result.take().unwrap_or(Err(CacheError::LoadPanicked { digest: self.digest }));
-        self.cache.land(&self.digest, result);
+        self.cache.land(&self.key, result);
     }
 }
 

@@ -11,7 +11,7 @@ use super::*;
 fn chunk(store: &MemoryStore, seed: u8, len: usize) -> (ChunkEntry, Vec<u8>) {
     let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(seed).wrapping_add(seed)).collect();
     let (compression, stored) = encode_chunk(&data, 1);
-    let entry = ChunkEntry { digest: Digest::of(&data), length: len as u32, stored_length: stored.len() as u32, compression, stored_digest: Some(Digest::of(&stored)) };
+    let entry = ChunkEntry::new(Digest::of(&data), len as u32, compression, &stored);
     store.put_chunk(&entry, &stored).unwrap();
     (entry, data)
 }
@@ -36,7 +36,7 @@ fn the_cache_stays_warm_across_reopening() {
     let (entry, data) = chunk(&store, 5, 5000);
     assert_eq!(*ChunkCache::open(dir.path(), 1 << 30, 1 << 30, None).unwrap().get(&entry, &store).unwrap(), data[..]);
     let cache = ChunkCache::open(dir.path(), 1 << 30, 1 << 30, None).unwrap();
-    assert!(cache.contains(&entry.digest));
+    assert!(cache.contains(&entry));
     assert_eq!(*cache.get(&entry, &store).unwrap(), data[..]);
     assert_eq!(store.chunk_reads.load(Ordering::SeqCst), 1);
     assert_eq!(cache.stats.disk_hits.load(Ordering::Relaxed), 1);
@@ -52,9 +52,9 @@ fn torn_and_flipped_cache_files_are_fetched_again() {
         let cache = ChunkCache::open(dir.path(), 1 << 30, 1 << 30, None).unwrap();
         cache.get(&torn, &store).unwrap();
         cache.get(&flipped, &store).unwrap();
-        let path = cache.chunk_path(&torn.digest);
+        let path = cache.chunk_path(&torn.cache_key());
         fs::write(&path, &fs::read(&path).unwrap()[..3000]).unwrap();
-        let path = cache.chunk_path(&flipped.digest);
+        let path = cache.chunk_path(&flipped.cache_key());
         let mut bytes = fs::read(&path).unwrap();
         bytes[4000] ^= 0x10;
         fs::write(&path, bytes).unwrap();
@@ -64,7 +64,7 @@ fn torn_and_flipped_cache_files_are_fetched_again() {
     assert_eq!(*cache.get(&flipped, &store).unwrap(), flipped_data[..]);
     assert_eq!(cache.stats.corrupt_discarded.load(Ordering::Relaxed), 2);
     assert_eq!(store.chunk_reads.load(Ordering::SeqCst), 4);
-    let repaired = read_cached(&cache.chunk_path(&flipped.digest), flipped_data.len()).unwrap();
+    let repaired = read_cached(&cache.chunk_path(&flipped.cache_key()), flipped_data.len()).unwrap();
     assert_eq!(repaired.as_deref(), Some(&flipped_data[..]), "repaired on disk");
 }
 
@@ -82,7 +82,7 @@ fn bad_data_from_the_store_stalls_the_reader_until_the_store_is_good() {
         }
         let during = cache.fetches_in_flight();
         assert_eq!((during.in_flight, during.retrying), (1, 1), "{during:?}");
-        assert!(!cache.contains(&entry.digest), "nothing bad is kept");
+        assert!(!cache.contains(&entry), "nothing bad is kept");
         store.corrupt_reads.store(false, Ordering::Relaxed);
         assert_eq!(*reader.join().unwrap().unwrap(), data[..]);
     });
@@ -133,9 +133,9 @@ fn the_disk_limit_evicts_least_recently_used_chunks() {
     }
     let (files, bytes) = cache.disk_usage();
     assert_eq!((files, bytes), (3, 3 * (10_000 + CRC_SIZE as u64)));
-    assert!(cache.chunk_path(&chunks[0].0.digest).exists(), "recently used stays");
-    assert!(!cache.chunk_path(&chunks[1].0.digest).exists(), "oldest goes");
-    assert!(!cache.chunk_path(&chunks[2].0.digest).exists());
+    assert!(cache.chunk_path(&chunks[0].0.cache_key()).exists(), "recently used stays");
+    assert!(!cache.chunk_path(&chunks[1].0.cache_key()).exists(), "oldest goes");
+    assert!(!cache.chunk_path(&chunks[2].0.cache_key()).exists());
 }
 
 #[test]
@@ -147,7 +147,7 @@ fn a_held_chunk_outlives_its_eviction() {
     let held = cache.get(&first, &store).unwrap();
     let (second, _) = chunk(&store, 2, 10_000);
     cache.get(&second, &store).unwrap();
-    assert!(!cache.chunk_path(&first.digest).exists());
+    assert!(!cache.chunk_path(&first.cache_key()).exists());
     assert_eq!(*held, first_data[..]);
 }
 
@@ -172,8 +172,8 @@ fn an_unindexed_cache_serves_what_is_on_disk_and_ranks_it_below_new_uses() {
     cache.index_disk().unwrap();
     // Indexing found chunk 0 (older than any use since opening) and evicted it.
     assert_eq!(cache.disk_usage(), (2, 2 * file_len));
-    assert!(!cache.chunk_path(&chunks[0].0.digest).exists());
-    assert!(cache.chunk_path(&chunks[1].0.digest).exists() && cache.chunk_path(&chunks[2].0.digest).exists());
+    assert!(!cache.chunk_path(&chunks[0].0.cache_key()).exists());
+    assert!(cache.chunk_path(&chunks[1].0.cache_key()).exists() && cache.chunk_path(&chunks[2].0.cache_key()).exists());
 }
 
 #[test]
@@ -188,12 +188,12 @@ fn a_chunk_one_worker_fetched_is_served_to_the_next_from_shared_memory() {
     drop(first);
     // Another cache directory: only the shared region can serve it.
     let second = ChunkCache::open(second_dir.path(), 1 << 30, 1 << 20, adopt()).unwrap();
-    assert!(second.in_memory(&entry.digest) && second.contains(&entry.digest));
+    assert!(second.in_memory(&entry) && second.contains(&entry));
     assert_eq!(*second.get(&entry, &store).unwrap(), data[..]);
     assert_eq!(store.chunk_reads.load(Ordering::SeqCst), 1, "fetched once, by the first");
     assert_eq!(second.shared().unwrap().stats.hits.load(Ordering::Relaxed), 1);
     assert_eq!(second.stats.disk_hits.load(Ordering::Relaxed), 0);
-    assert!(!second.chunk_path(&entry.digest).exists());
+    assert!(!second.chunk_path(&entry.cache_key()).exists());
 }
 
 #[test]
@@ -207,7 +207,7 @@ fn a_chunk_loaded_from_disk_goes_into_shared_memory() {
     cache.get(&entry, &store).unwrap();
     assert_eq!(cache.stats.disk_hits.load(Ordering::Relaxed), 1);
     let other = SharedChunks::adopt(region).unwrap();
-    assert_eq!(other.get(&entry.digest, data.len()).as_deref(), Some(&data[..]));
+    assert_eq!(other.get(&entry.cache_key(), data.len()).as_deref(), Some(&data[..]));
 }
 
 /// A store whose `get_chunk` waits until `gathered` says so, then panics.
@@ -247,7 +247,7 @@ fn waiters_of_a_leader_that_panics_get_an_error_and_a_later_get_works() {
     let good = MemoryStore::new();
     let (entry, data) = chunk(&good, 19, 10_000);
     // The flights map holds one reference, each waiter another.
-    let gathered = || cache.lock().flights.get(&entry.digest).is_some_and(|flight| Arc::strong_count(flight) == 1 + WAITERS);
+    let gathered = || cache.lock().flights.get(&entry.cache_key()).is_some_and(|flight| Arc::strong_count(flight) == 1 + WAITERS);
     let panicking = PanickingStore { gathered: &gathered };
     let results: Vec<_> = std::thread::scope(|scope| {
         let threads: Vec<_> = (0..=WAITERS).map(|_| scope.spawn(|| cache.get(&entry, &panicking))).collect();

@@ -99,7 +99,7 @@ impl Shared {
         let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         for offset in blob_offsets {
             let Ok(chunk) = self.image.table.locate(offset) else { continue };
-            if !self.cache.in_memory(&chunk.entry.digest) && queue.1.insert(chunk.index) {
+            if !self.cache.in_memory(&chunk.entry) && queue.1.insert(chunk.index) {
                 queue.0.push_back(chunk.index);
             }
         }

@@ -18,7 +18,7 @@ use phoenixfs_format::{ChunkEntry, ChunkTable, Compression, Digest, ImageBytes, 
 const CHUNKS: u32 = 1000;
 const FOOTER_SIZE: usize = 64;
 const TABLE_HEADER_SIZE: usize = 16;
-const TABLE_ENTRY_SIZE: usize = 80;
+const TABLE_ENTRY_SIZE: usize = 112;
 
 /// Image file bytes in a private anonymous mapping, every page unreadable until allowed.
 struct GuardedImage {
@@ -96,7 +96,7 @@ fn large_image() -> (Vec<u8>, ChunkTable, usize) {
     let table = ChunkTable {
         chunk_bits: 12,
         entries: (0..CHUNKS)
-            .map(|i| ChunkEntry { digest: Digest::of(&i.to_le_bytes()), length: 4096, stored_length: 4096, compression: Compression::None, stored_digest: Some(Digest::of(&i.to_le_bytes())) })
+            .map(|i| ChunkEntry::new(Digest::of(&i.to_le_bytes()), 4096, Compression::None, &[0; 4096]))
             .collect(),
     };
     let names = (0..300).map(|i| TreeEntry { name: format!("name-{i:04}").into_bytes(), node: 2 }).collect();

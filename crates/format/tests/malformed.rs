@@ -24,7 +24,7 @@ fn sample() -> (Vec<u8>, ChunkTable) {
     let table = ChunkTable {
         chunk_bits: 12,
         entries: (0..3u32)
-            .map(|i| ChunkEntry { digest: Digest::of(&i.to_le_bytes()), length: 4096, stored_length: 4096, compression: Compression::None, stored_digest: Some(Digest::of(&i.to_le_bytes())) })
+            .map(|i| ChunkEntry::new(Digest::of(&i.to_le_bytes()), 4096, Compression::None, &[0; 4096]))
             .collect(),
     };
     let mut tagged = node(NodeKind::File(FileData::Inline(b"inline data".to_vec())));

@@ -148,9 +148,7 @@ impl ChunkStore for LocalStore {
 /// The entry of `data` kept raw, for tests.
 #[cfg(test)]
 pub(crate) fn raw_chunk(data: &[u8]) -> ChunkEntry {
-    let digest = Digest::of(data);
-    let length = data.len() as u32;
-    ChunkEntry { digest, length, stored_length: length, compression: phoenixfs_format::Compression::None, stored_digest: Some(digest) }
+    ChunkEntry::new(Digest::of(data), data.len() as u32, phoenixfs_format::Compression::None, data)
 }
 
 #[cfg(test)]
