@@ -49,15 +49,51 @@ pub enum ChunkOutcome {
     Inline(Vec<u8>),
 }
 
-struct Shared<'a> {
-    files: &'a [SourceFile],
+/// Where chunks of data go: hashed, compressed and stored once each per build, from any
+/// number of threads.
+pub(crate) struct ChunkSink<'a> {
     store: &'a dyn ChunkStore,
-    options: &'a BuildOptions,
+    zstd_level: i32,
     /// Chunks already encoded in this build, so duplicates are neither compressed nor
     /// stored twice.
     known: Mutex<HashMap<Digest, ChunkEntry>>,
     new_chunks: AtomicU64,
     new_stored_bytes: AtomicU64,
+}
+
+impl<'a> ChunkSink<'a> {
+    pub(crate) fn new(store: &'a dyn ChunkStore, options: &BuildOptions) -> Self {
+        ChunkSink { store, zstd_level: options.zstd_level, known: Mutex::new(HashMap::new()), new_chunks: AtomicU64::new(0), new_stored_bytes: AtomicU64::new(0) }
+    }
+
+    /// A hole if `data` is all zeros, else its chunk, stored unless the store has it.
+    pub(crate) fn put(&self, data: &[u8]) -> Result<ChunkOutcome, BuildError> {
+        if is_zero(data) {
+            return Ok(ChunkOutcome::Hole);
+        }
+        let digest = Digest::of(data);
+        if let Some(entry) = self.known.lock().expect("not poisoned").get(&digest) {
+            return Ok(ChunkOutcome::Chunk(*entry));
+        }
+        let (compression, stored) = encode_chunk(data, self.zstd_level);
+        let entry = ChunkEntry::new(digest, data.len() as u32, compression, &stored);
+        let present = self.store.chunk_len(&entry)? == Some(stored.len() as u64);
+        if !present {
+            self.store.put_chunk(&entry, &stored)?;
+        }
+        let first = self.known.lock().expect("not poisoned").insert(digest, entry).is_none();
+        if first && !present {
+            self.new_chunks.fetch_add(1, Ordering::Relaxed);
+            self.new_stored_bytes.fetch_add(stored.len() as u64, Ordering::Relaxed);
+        }
+        Ok(ChunkOutcome::Chunk(entry))
+    }
+}
+
+struct Shared<'a> {
+    files: &'a [SourceFile],
+    options: &'a BuildOptions,
+    sink: ChunkSink<'a>,
     progress: ProgressBar,
 }
 
@@ -74,24 +110,27 @@ pub fn process(files: &[SourceFile], store: &dyn ChunkStore, options: &BuildOpti
         .collect();
     let shared = Shared {
         files,
-        store,
         options,
-        known: Mutex::new(HashMap::new()),
-        new_chunks: AtomicU64::new(0),
-        new_stored_bytes: AtomicU64::new(0),
-        progress: progress_bar(options.progress, files.iter().map(|f| f.size).sum()),
+        sink: ChunkSink::new(store, options),
+        progress: progress_bar(options.progress, Some(files.iter().map(|f| f.size).sum())),
     };
     let outcomes: Vec<ChunkOutcome> = jobs.par_iter().map(|job| shared.run(*job)).collect::<Result<_, _>>()?;
     shared.progress.finish_and_clear();
+    let sizes: Vec<u64> = files.iter().map(|f| f.size).collect();
+    let owners = jobs.iter().map(|job| match *job {
+        Job::Inline { file } | Job::Chunk { file, .. } => file,
+    });
+    Ok(assemble(options.chunk_bits, &sizes, owners.zip(outcomes), shared.sink))
+}
 
-    let mut table = ChunkTable { chunk_bits: options.chunk_bits, entries: Vec::new() };
+/// The chunk table and the data of each file (`sizes[i]` bytes) from the outcomes of their
+/// chunks, each paired with its file and given in order: files in tree order, each file's
+/// chunks in file order. Blob chunks are numbered in that order, once per distinct chunk.
+pub(crate) fn assemble(chunk_bits: u8, sizes: &[u64], outcomes: impl Iterator<Item = (usize, ChunkOutcome)>, sink: ChunkSink) -> Processed {
+    let mut table = ChunkTable { chunk_bits, entries: Vec::new() };
     let mut blob_index: HashMap<Digest, u32> = HashMap::new();
-    let mut file_data: Vec<FileData> = files
-        .iter()
-        .map(|f| FileData::Chunked { size: f.size, chunks: Vec::new() })
-        .collect();
-    for (job, outcome) in jobs.iter().zip(outcomes) {
-        let (Job::Inline { file } | Job::Chunk { file, .. }) = *job;
+    let mut file_data: Vec<FileData> = sizes.iter().map(|&size| FileData::Chunked { size, chunks: Vec::new() }).collect();
+    for (file, outcome) in outcomes {
         match (outcome, &mut file_data[file]) {
             (ChunkOutcome::Inline(data), slot) => *slot = FileData::Inline(data),
             (ChunkOutcome::Hole, FileData::Chunked { chunks, .. }) => chunks.push(None),
@@ -103,25 +142,22 @@ pub fn process(files: &[SourceFile], store: &dyn ChunkStore, options: &BuildOpti
                 });
                 chunks.push(Some(index));
             }
-            (_, FileData::Inline(_)) => unreachable!("inline files have one job"),
+            (_, FileData::Inline(_)) => unreachable!("inline files have one outcome"),
         }
     }
-    Ok(Processed {
-        table,
-        file_data,
-        new_chunks: shared.new_chunks.into_inner(),
-        new_stored_bytes: shared.new_stored_bytes.into_inner(),
-    })
+    Processed { table, file_data, new_chunks: sink.new_chunks.into_inner(), new_stored_bytes: sink.new_stored_bytes.into_inner() }
 }
 
-fn progress_bar(visible: bool, total: u64) -> ProgressBar {
+/// A progress bar on stderr, or a hidden one; without a total, a count of bytes.
+pub(crate) fn progress_bar(visible: bool, total: Option<u64>) -> ProgressBar {
     if !visible {
         return ProgressBar::hidden();
     }
-    let bar = ProgressBar::new(total);
-    let style = ProgressStyle::with_template("{spinner} {bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}")
-        .expect("valid template");
-    bar.set_style(style);
+    let (bar, template) = match total {
+        Some(total) => (ProgressBar::new(total), "{spinner} {bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}"),
+        None => (ProgressBar::no_length(), "{spinner} {binary_bytes} {binary_bytes_per_sec}"),
+    };
+    bar.set_style(ProgressStyle::with_template(template).expect("valid template"));
     bar
 }
 
@@ -154,25 +190,7 @@ impl Shared<'_> {
         let mut data = vec![0u8; len as usize];
         read_exact(&handle, source, &mut data, start)?;
         check_unchanged(source, &handle)?;
-        if is_zero(&data) {
-            return Ok(ChunkOutcome::Hole);
-        }
-        let digest = Digest::of(&data);
-        if let Some(entry) = self.known.lock().expect("not poisoned").get(&digest) {
-            return Ok(ChunkOutcome::Chunk(*entry));
-        }
-        let (compression, stored) = encode_chunk(&data, self.options.zstd_level);
-        let entry = ChunkEntry::new(digest, len as u32, compression, &stored);
-        let present = self.store.chunk_len(&entry)? == Some(stored.len() as u64);
-        if !present {
-            self.store.put_chunk(&entry, &stored)?;
-        }
-        let first = self.known.lock().expect("not poisoned").insert(digest, entry).is_none();
-        if first && !present {
-            self.new_chunks.fetch_add(1, Ordering::Relaxed);
-            self.new_stored_bytes.fetch_add(stored.len() as u64, Ordering::Relaxed);
-        }
-        Ok(ChunkOutcome::Chunk(entry))
+        self.sink.put(&data)
     }
 }
 

@@ -11,6 +11,8 @@ pub enum BuildError {
     Source { path: PathBuf, source: io::Error },
     #[error("{} is not a directory", path.display())]
     NotADirectory { path: PathBuf },
+    #[error("tar stream {name}: {detail}; nothing was published")]
+    Tar { name: String, detail: String },
     #[error("{} changed during the build ({detail}); nothing was published", path.display())]
     Changed { path: PathBuf, detail: &'static str },
     #[error("{} vanished during the build; nothing was published", path.display())]

@@ -1,6 +1,6 @@
-//! The builder: packs a source directory into a phoenixfs image.
+//! The builder: packs a source directory or a tar stream into a phoenixfs image.
 //!
-//! Owns: walking the source tree ([`source`]), reading, hashing, compressing and storing file
+//! Owns: walking the source tree ([`source`]) or reading a tar stream ([`tarball`]), reading, hashing, compressing and storing file
 //! data chunk by chunk in parallel ([`chunker`]), and putting bootstrap, chunk table and image
 //! file together. The same input always gives byte-identical output.
 //!
@@ -10,17 +10,21 @@
 pub mod chunker;
 mod error;
 pub mod source;
+mod tar_reader;
+pub mod tarball;
 
 use std::path::Path;
 
 use phoenixfs_format::chunk::DEFAULT_CHUNK_BITS;
-use phoenixfs_format::tree::NodeKind;
+use phoenixfs_format::tree::{FileData, NodeKind, Tree};
 use phoenixfs_format::writer::{write_bootstrap, BlobDevice};
 use phoenixfs_format::{ImageFile, ImageId};
 use phoenixfs_store::ChunkStore;
 
+use chunker::Processed;
 pub use chunker::ChunkOutcome;
 pub use error::BuildError;
+pub use tarball::build_from_tar;
 
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
@@ -62,15 +66,24 @@ pub struct BuildStats {
 
 /// Packs `src` into an image: chunks go to `store`, then the image file itself.
 pub fn build(src: &Path, store: &dyn ChunkStore, options: &BuildOptions) -> Result<Built, BuildError> {
-    let chunk_bits = options.chunk_bits;
-    let chunk_range = phoenixfs_format::chunk::MIN_CHUNK_BITS..=phoenixfs_format::chunk::MAX_CHUNK_BITS;
-    if !chunk_range.contains(&chunk_bits) {
-        return Err(BuildError::ChunkSize(chunk_bits));
-    }
+    check_chunk_bits(options)?;
     let scan = source::scan(src)?;
-    let mut tree = scan.tree;
     let processed = chunker::process(&scan.files, store, options)?;
+    let file_nodes: Vec<usize> = scan.files.iter().map(|f| f.node).collect();
+    publish(scan.tree, &file_nodes, processed, store, options)
+}
 
+fn check_chunk_bits(options: &BuildOptions) -> Result<(), BuildError> {
+    let chunk_range = phoenixfs_format::chunk::MIN_CHUNK_BITS..=phoenixfs_format::chunk::MAX_CHUNK_BITS;
+    match chunk_range.contains(&options.chunk_bits) {
+        true => Ok(()),
+        false => Err(BuildError::ChunkSize(options.chunk_bits)),
+    }
+}
+
+/// Gives regular file `file_nodes[i]` of `tree` its data `processed.file_data[i]`, writes the
+/// bootstrap and the image file, and stores the image: the last step, once every chunk is in.
+fn publish(mut tree: Tree, file_nodes: &[usize], processed: Processed, store: &dyn ChunkStore, options: &BuildOptions) -> Result<Built, BuildError> {
     let mut stats = BuildStats { inodes: tree.nodes.len() as u64, ..Default::default() };
     for node in &tree.nodes {
         match &node.kind {
@@ -79,9 +92,12 @@ pub fn build(src: &Path, store: &dyn ChunkStore, options: &BuildOptions) -> Resu
             _ => {}
         }
     }
-    for (file, data) in scan.files.iter().zip(processed.file_data) {
-        stats.logical_bytes += file.size;
-        tree.nodes[file.node].kind = NodeKind::File(data);
+    for (&node, data) in file_nodes.iter().zip(processed.file_data) {
+        stats.logical_bytes += match &data {
+            FileData::Inline(bytes) => bytes.len() as u64,
+            FileData::Chunked { size, .. } => *size,
+        };
+        tree.nodes[node].kind = NodeKind::File(data);
     }
     stats.chunks = processed.table.entries.len() as u64;
     stats.new_chunks = processed.new_chunks;
@@ -89,7 +105,7 @@ pub fn build(src: &Path, store: &dyn ChunkStore, options: &BuildOptions) -> Resu
 
     let blob = BlobDevice {
         tag: processed.table.blob_tag(),
-        chunk_bits,
+        chunk_bits: options.chunk_bits,
         chunks: u32::try_from(processed.table.entries.len()).map_err(|_| BuildError::TooManyChunks)?,
     };
     let bootstrap = write_bootstrap(&tree, &blob)?;

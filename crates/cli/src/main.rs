@@ -27,11 +27,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Pack a directory into an image: chunks into STORE, the image file to IMAGE.
+    /// Pack a directory or a tar stream into an image: chunks into STORE, the image file to IMAGE.
     Build {
-        /// The directory to pack.
+        /// The directory to pack; or a tar file (plain, .gz or .zst: told by its content), or
+        /// `-` for a tar stream on stdin, packed without unpacking it.
         src: PathBuf,
-        /// The chunk store: a local directory (created when missing) or s3://BUCKET/PREFIX.
+        /// The chunk store: a local directory (created when missing) or a store URL
+        /// (s3://BUCKET/PREFIX, oci://HOST/REPO).
         #[arg(long, value_parser = args::parse_store)]
         store: StoreUrl,
         /// Where to write the image file.

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use phoenixfs_builder::{build, BuildOptions};
+use phoenixfs_builder::{build, build_from_tar, BuildOptions};
 use phoenixfs_format::chunk::{MAX_CHUNK_BITS, MIN_CHUNK_BITS};
 use phoenixfs_store::StoreUrl;
 
@@ -13,7 +13,14 @@ use crate::args;
 pub fn run(src: &Path, store: &StoreUrl, output: &Path, chunk_bits: u8, zstd_level: i32) -> Result<ExitCode> {
     let store = args::create_store(store)?;
     let options = BuildOptions { chunk_bits, zstd_level, progress: std::io::stderr().is_terminal() };
-    let built = build(src, store.as_ref(), &options)?;
+    let built = if src == Path::new("-") {
+        build_from_tar(std::io::stdin(), "on stdin", store.as_ref(), &options)?
+    } else if src.is_dir() {
+        build(src, store.as_ref(), &options)?
+    } else {
+        let file = fs::File::open(src).with_context(|| format!("cannot read {}", src.display()))?;
+        build_from_tar(file, &src.display().to_string(), store.as_ref(), &options)?
+    };
     write_atomically(output, &built.image_file)?;
     let s = &built.stats;
     println!("{}", built.id);
