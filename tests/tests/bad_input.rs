@@ -29,7 +29,7 @@ fn missing_or_wrong_source_is_named() {
     assert_one_line_error(&out, &missing.display().to_string());
     fs::write(root.join("a-file"), b"x").unwrap();
     let out = run(phoenixfs().arg("build").arg(root.join("a-file")).arg("--store").arg(root.join("s")).arg("-o").arg(root.join("i")));
-    assert_one_line_error(&out, "is not a directory");
+    assert_one_line_error(&out, "a-file: not a tar stream (nor a directory)");
     assert!(!root.join("i").exists());
 }
 

@@ -1,11 +1,13 @@
 //! A streaming reader of tar archives: POSIX ustar headers, PAX extended headers (local and
-//! global), GNU long names and long link targets, base-256 numbers.
+//! global), GNU long names and long link targets, base-256 numbers, and sparse files in the
+//! PAX format 1.0 that `tar --sparse --format=posix` writes (holes read as zeros, and
+//! [`TarReader::skip_hole`] passes over them without reading).
 //!
 //! Written by hand because the `tar` crate splits PAX records at new lines, so the ACL
 //! records GNU tar writes (`SCHILY.acl.access=user::rw-\ngroup::r--\n…`) and binary xattr
 //! values holding a new line come out malformed, and a malformed record before `size` makes
 //! it miss the size of a file over 8 GiB. Here a record is cut by its length, as the format
-//! says. GNU sparse files (`S` entries, `GNU.sparse.*` records) are refused by name.
+//! says. The older GNU sparse formats (`S` entries, PAX sparse 0.x) are refused by name.
 
 use std::io::{self, Read};
 
@@ -49,16 +51,18 @@ pub struct TarEntry {
 
 pub struct TarReader<R> {
     inner: R,
-    /// Data bytes of the current entry not read yet, then its padding.
+    /// Stored data bytes of the current entry not read yet, then its padding.
     remaining: u64,
     padding: u64,
+    /// For a sparse entry: its data segments (offset, length) and where reading is.
+    sparse: Option<Sparse>,
     global: Vec<(String, Vec<u8>)>,
     ended: bool,
 }
 
 impl<R: Read> TarReader<R> {
     pub fn new(inner: R) -> Self {
-        TarReader { inner, remaining: 0, padding: 0, global: Vec::new(), ended: false }
+        TarReader { inner, remaining: 0, padding: 0, sparse: None, global: Vec::new(), ended: false }
     }
 
     /// The next entry (its data is then read through `Read`), or None after the
@@ -95,16 +99,20 @@ impl<R: Read> TarReader<R> {
                 b'V' => self.skip(size, padding_of(size), "a volume label")?,
                 _ => {
                     let pax: Vec<(String, Vec<u8>)> = self.global.iter().cloned().chain(local).collect();
-                    let entry = self.entry(&block, kind, size, pax, long_name, long_link)?;
-                    self.remaining = entry.size;
-                    self.padding = padding_of(entry.size);
+                    let (entry, stored) = self.entry(&block, kind, size, pax, long_name, long_link)?;
+                    self.remaining = stored;
+                    self.padding = padding_of(stored);
+                    if stored != entry.size {
+                        self.sparse = Some(self.sparse_map(entry.size)?);
+                    }
                     return Ok(Some(entry));
                 }
             }
         }
     }
 
-    fn entry(&self, block: &[u8; BLOCK], kind: u8, size: u64, pax: Vec<(String, Vec<u8>)>, long_name: Option<Vec<u8>>, long_link: Option<Vec<u8>>) -> Result<TarEntry, TarError> {
+    /// The entry, and how many data bytes the archive stores for it.
+    fn entry(&self, block: &[u8; BLOCK], kind: u8, size: u64, pax: Vec<(String, Vec<u8>)>, long_name: Option<Vec<u8>>, long_link: Option<Vec<u8>>) -> Result<(TarEntry, u64), TarError> {
         let posix = &block[257..263] == b"ustar\0";
         let mut path = trim_nul(block[..100].to_vec());
         if posix && block[345] != 0 {
@@ -129,6 +137,7 @@ impl<R: Read> TarReader<R> {
             minor: number(&block[337..345], "devminor").unwrap_or(0) as u32,
             pax: Vec::new(),
         };
+        let (mut sparse_version, mut sparse_name, mut real_size) = ((None, None), None, None);
         for (key, value) in &pax {
             let text = || std::str::from_utf8(value).map_err(|_| TarError::Pax);
             let decimal = || text()?.parse::<u64>().map_err(|_| TarError::Pax);
@@ -139,12 +148,83 @@ impl<R: Read> TarReader<R> {
                 "uid" => entry.uid = decimal()?,
                 "gid" => entry.gid = decimal()?,
                 "mtime" => entry.mtime = parse_time(text()?).ok_or(TarError::Pax)?,
-                key if key.starts_with("GNU.sparse.") => return Err(TarError::Unsupported("a GNU sparse file".into())),
+                "GNU.sparse.major" => sparse_version.0 = Some(decimal()?),
+                "GNU.sparse.minor" => sparse_version.1 = Some(decimal()?),
+                "GNU.sparse.name" => sparse_name = Some(value.clone()),
+                "GNU.sparse.realsize" => real_size = Some(decimal()?),
+                key if key.starts_with("GNU.sparse.") => return Err(TarError::Unsupported("a GNU sparse file of format 0.x".into())),
                 _ => {}
             }
         }
         entry.pax = pax;
-        Ok(entry)
+        let stored = entry.size;
+        match (sparse_version, sparse_name, real_size) {
+            ((None, None), None, None) => {}
+            ((Some(1), Some(0)), Some(name), Some(real_size)) => {
+                entry.path = name;
+                entry.size = real_size;
+            }
+            _ => return Err(TarError::Unsupported("a GNU sparse file of another format than 1.0".into())),
+        }
+        Ok((entry, stored))
+    }
+
+    /// Reads the map at the start of a sparse entry's data (format 1.0: decimal numbers one
+    /// per line, the count then offset and length pairs, padded to a block).
+    fn sparse_map(&mut self, real_size: u64) -> Result<Sparse, TarError> {
+        let bad = TarError::Field { field: "sparse map" };
+        let mut map_bytes = Vec::new();
+        let mut numbers = Vec::new();
+        let mut line = Vec::new();
+        while numbers.len() < 1 + 2 * numbers.first().copied().unwrap_or(0) as usize {
+            let mut byte = [0u8; 1];
+            if self.remaining == 0 || !self.fill(&mut byte, "a sparse map")? {
+                return Err(TarError::Truncated("a sparse map"));
+            }
+            self.remaining -= 1;
+            map_bytes.push(byte[0]);
+            match byte[0] {
+                b'\n' => {
+                    let number = std::str::from_utf8(&line).ok().and_then(|t| t.parse::<u64>().ok()).ok_or(TarError::Field { field: "sparse map" })?;
+                    if numbers.is_empty() && number > 1 << 24 {
+                        return Err(TarError::Field { field: "sparse map" });
+                    }
+                    numbers.push(number);
+                    line.clear();
+                }
+                b'0'..=b'9' if line.len() < 20 => line.push(byte[0]),
+                _ => return Err(bad),
+            }
+        }
+        let skip = padding_of(map_bytes.len() as u64).min(self.remaining);
+        self.skip(skip, 0, "a sparse map")?;
+        self.remaining -= skip;
+        let segments: Vec<(u64, u64)> = numbers[1..].chunks(2).map(|pair| (pair[0], pair[1])).collect();
+        let mut end = 0;
+        for &(offset, len) in &segments {
+            let segment_end = offset.checked_add(len).ok_or(TarError::Field { field: "sparse map" })?;
+            if offset < end || segment_end > real_size {
+                return Err(TarError::Field { field: "sparse map" });
+            }
+            end = segment_end;
+        }
+        if segments.iter().map(|s| s.1).sum::<u64>() != self.remaining {
+            return Err(TarError::Field { field: "sparse map" });
+        }
+        Ok(Sparse { segments, next: 0, position: 0, size: real_size })
+    }
+
+    /// Passes over the next `len` bytes of a sparse entry without reading if they are all
+    /// a hole; whether it did.
+    pub fn skip_hole(&mut self, len: u64) -> bool {
+        let Some(sparse) = &mut self.sparse else { return false };
+        let (start, end) = (sparse.position, sparse.position + len);
+        let data_ahead = sparse.segments[sparse.next..].iter().take_while(|&&(offset, _)| offset < end).any(|&(offset, seg_len)| seg_len > 0 && offset + seg_len > start);
+        if data_ahead || end > sparse.size {
+            return false;
+        }
+        sparse.position = end;
+        true
     }
 
     /// Skips what is left of the current entry's data and its padding.
@@ -152,6 +232,7 @@ impl<R: Read> TarReader<R> {
         let (remaining, padding) = (self.remaining, self.padding);
         self.remaining = 0;
         self.padding = 0;
+        self.sparse = None;
         self.skip(remaining, padding, "an entry's data")
     }
 
@@ -193,9 +274,43 @@ impl<R: Read> TarReader<R> {
     }
 }
 
-/// The current entry's data.
+/// A sparse entry being read: its data segments in order, the next one, the logical position.
+struct Sparse {
+    segments: Vec<(u64, u64)>,
+    next: usize,
+    position: u64,
+    size: u64,
+}
+
+/// The current entry's data (holes of a sparse entry as zeros).
 impl<R: Read> Read for TarReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(sparse) = &mut self.sparse else { return self.read_stored(buf) };
+        while sparse.segments.get(sparse.next).is_some_and(|&(offset, len)| sparse.position >= offset + len) {
+            sparse.next += 1;
+        }
+        let (position, size) = (sparse.position, sparse.size);
+        let (n, from_segment) = match sparse.segments.get(sparse.next) {
+            Some(&(offset, _)) if position < offset => (((offset - position) as usize).min(buf.len()), false),
+            Some(&(offset, len)) => (((offset + len - position) as usize).min(buf.len()), true),
+            None => (((size - position).min(usize::MAX as u64) as usize).min(buf.len()), false),
+        };
+        let n = match from_segment {
+            true => self.read_stored(&mut buf[..n])?,
+            false => {
+                buf[..n].fill(0);
+                n
+            }
+        };
+        if let Some(sparse) = &mut self.sparse {
+            sparse.position += n as u64;
+        }
+        Ok(n)
+    }
+}
+
+impl<R: Read> TarReader<R> {
+    fn read_stored(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let want = buf.len().min(self.remaining.min(usize::MAX as u64) as usize);
         if want == 0 {
             return Ok(0);

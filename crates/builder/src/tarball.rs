@@ -68,11 +68,12 @@ pub fn build_from_tar(input: impl Read + 'static, name: &str, store: &dyn ChunkS
                 let entry = match reader.next_entry() {
                     Ok(Some(entry)) => entry,
                     Ok(None) => return Ok(()),
-                    Err(e) if last.is_empty() => return Err(bad(e.to_string())),
+                    Err(e) if last.is_empty() => return Err(bad(format!("not a tar stream (nor a directory): {e}"))),
                     Err(e) => return Err(bad(format!("after {last}: {e}"))),
                 };
                 last = String::from_utf8_lossy(&entry.path).into_owned();
-                tree.add(&entry, &mut reader, options.chunk_bits, &queue, &stop, &progress).map_err(|detail| bad(format!("{last}: {detail}")))?;
+                let stream = Stream { chunk_bits: options.chunk_bits, queue: &queue, results: &results, stop: &stop, progress: &progress };
+                tree.add(&entry, &mut reader, &stream).map_err(|detail| bad(format!("{last}: {detail}")))?;
                 if stop.load(Ordering::Relaxed) {
                     return Ok(());
                 }
@@ -178,7 +179,7 @@ impl StreamTree {
     }
 
     /// Adds one tar entry, its data read from `data` and handed to `queue` chunk by chunk.
-    fn add(&mut self, entry: &TarEntry, data: &mut impl Read, chunk_bits: u8, queue: &SyncSender<Piece>, stop: &AtomicBool, progress: &ProgressBar) -> Result<(), String> {
+    fn add(&mut self, entry: &TarEntry, data: &mut TarReader<impl Read>, stream: &Stream) -> Result<(), String> {
         let names = components(&entry.path)?;
         let attr = Attr {
             mode: (entry.mode & 0o7777) as u16,
@@ -216,12 +217,12 @@ impl StreamTree {
                 let stored = if fits_inline(size, &xattrs) {
                     let mut bytes = vec![0u8; size as usize];
                     data.read_exact(&mut bytes).map_err(|e| e.to_string())?;
-                    progress.inc(size);
+                    stream.progress.inc(size);
                     StreamData::Inline(bytes)
                 } else {
                     let id = self.next_file;
                     self.next_file += 1;
-                    let chunks = read_chunks(data, id, size, chunk_bits, queue, stop, progress)?;
+                    let chunks = stream.read_chunks(data, id, size)?;
                     StreamData::Chunked { id, chunks }
                 };
                 StreamNode { attr, xattrs, kind: StreamKind::File { size, data: stored } }
@@ -318,21 +319,37 @@ fn implicit_dir() -> StreamNode {
     StreamNode { attr: Attr { mode: 0o755, uid: 0, gid: 0, mtime: 0, mtime_nsec: 0 }, xattrs: Vec::new(), kind: StreamKind::Dir(BTreeMap::new()) }
 }
 
-/// Reads a file's `size` bytes from the stream and queues them chunk by chunk; the number of
-/// chunks.
-fn read_chunks(data: &mut impl Read, file: usize, size: u64, chunk_bits: u8, queue: &SyncSender<Piece>, stop: &AtomicBool, progress: &ProgressBar) -> Result<u64, String> {
-    let chunk_size = 1u64 << chunk_bits;
-    let chunks = size.div_ceil(chunk_size);
-    for index in 0..chunks {
-        let len = chunk_size.min(size - index * chunk_size) as usize;
-        let mut piece = vec![0u8; len];
-        data.read_exact(&mut piece).map_err(|e| e.to_string())?;
-        progress.inc(len as u64);
-        if stop.load(Ordering::Relaxed) || queue.send(Piece { file, index, data: piece }).is_err() {
-            break;
+/// Where the data of the files in a stream goes.
+struct Stream<'a> {
+    chunk_bits: u8,
+    queue: &'a SyncSender<Piece>,
+    /// The outcome of each chunk (stream file, chunk index) once known.
+    results: &'a Mutex<HashMap<(usize, u64), ChunkOutcome>>,
+    stop: &'a AtomicBool,
+    progress: &'a ProgressBar,
+}
+
+impl Stream<'_> {
+    /// Reads stream file `file`'s `size` bytes and queues them chunk by chunk (holes of a
+    /// sparse file are passed over unread); the number of chunks.
+    fn read_chunks(&self, data: &mut TarReader<impl Read>, file: usize, size: u64) -> Result<u64, String> {
+        let chunk_size = 1u64 << self.chunk_bits;
+        let chunks = size.div_ceil(chunk_size);
+        for index in 0..chunks {
+            let len = chunk_size.min(size - index * chunk_size);
+            self.progress.inc(len);
+            if data.skip_hole(len) {
+                self.results.lock().expect("not poisoned").insert((file, index), ChunkOutcome::Hole);
+                continue;
+            }
+            let mut piece = vec![0u8; len as usize];
+            data.read_exact(&mut piece).map_err(|e| e.to_string())?;
+            if self.stop.load(Ordering::Relaxed) || self.queue.send(Piece { file, index, data: piece }).is_err() {
+                break;
+            }
         }
+        Ok(chunks)
     }
-    Ok(chunks)
 }
 
 /// The names of a tar path from the root: `.` and a leading `/` dropped, `..` refused.
