@@ -6,6 +6,7 @@
 
 mod commands;
 mod args;
+mod mount_helper;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -176,7 +177,21 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let program = std::env::args_os().next().map(PathBuf::from);
+    let cli = match program.as_deref().and_then(|p| p.file_name()).is_some_and(|name| name == mount_helper::HELPER_NAME) {
+        true => {
+            let args: Result<Vec<String>, _> = std::env::args_os().skip(1).map(|a| a.into_string()).collect();
+            match args.map_err(|a| format!("{a:?} is not UTF-8")).and_then(|args| mount_helper::command_line(&args)) {
+                Ok(mount_helper::HelperCall::Mount(line)) => Cli::parse_from(line),
+                Ok(mount_helper::HelperCall::Fake) => return ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("{}: {error}", mount_helper::HELPER_NAME);
+                    return ExitCode::from(1);
+                }
+            }
+        }
+        false => Cli::parse(),
+    };
     // A mount's daemon logs its life (takeovers, stalls, upgrades) by default.
     let daemon = matches!(cli.command, Command::Mount { .. } | Command::Worker | Command::Holder | Command::FscacheDaemon { .. } | Command::FscacheWorker | Command::FscacheHolder);
     init_logging(cli.verbose + u8::from(daemon));
