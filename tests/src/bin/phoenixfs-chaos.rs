@@ -6,11 +6,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use phoenixfs_tests::chaos::{self, Plan, ReaderKind, Victim};
-use phoenixfs_tests::{bench_stores, fscache, probe, snapshot};
+use phoenixfs_tests::servers::SeaweedFs;
+use phoenixfs_tests::{bench_stores, fscache, phoenixfs, probe, run_ok, snapshot};
 
 #[derive(Parser)]
 struct Cli {
@@ -120,6 +121,19 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         kills: usize,
     },
+    /// On the host: start SeaweedFS on 127.0.0.1, push IMAGE from STORE to its S3 gateway,
+    /// write the S3 store URL to URL_FILE, then SIGKILL and restart the gateway every 1-5 s
+    /// until the file STOP exists; prints how many times. For scripts/bench-programs.
+    ServeS3 {
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long)]
+        image: String,
+        #[arg(long)]
+        url_file: PathBuf,
+        #[arg(long)]
+        stop: PathBuf,
+    },
     /// Write everything observable about a tree, one entry a line, to OUT (trees on two
     /// machines compare as text).
     Snapshot {
@@ -191,6 +205,28 @@ fn main() -> ExitCode {
         }
         Command::BenchStores { rounds, kills } => {
             bench_stores::bench(rounds, kills);
+            ExitCode::SUCCESS
+        }
+        Command::ServeS3 { store, image, url_file, stop } => {
+            let mut seaweed = SeaweedFs::start();
+            seaweed.create_bucket("programs");
+            let url = seaweed.store_url("programs", "image");
+            run_ok(phoenixfs().arg("push").arg(&image).arg("--store").arg(&store).arg("--to").arg(&url));
+            std::fs::write(&url_file, &url).expect("writing the URL file");
+            let mut rng = chaos::XorShift(u64::from(std::process::id()) | 1);
+            let mut restarts = 0;
+            'serving: loop {
+                let pause = Instant::now() + Duration::from_millis(1000 + rng.next_u64() % 4001);
+                while Instant::now() < pause {
+                    if stop.exists() {
+                        break 'serving;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                seaweed.s3.restart();
+                restarts += 1;
+            }
+            println!("S3 gateway SIGKILLed and restarted {restarts} times");
             ExitCode::SUCCESS
         }
         Command::Snapshot { dir, out } => {
