@@ -123,7 +123,8 @@ enum Command {
     },
     /// On the host: start SeaweedFS on 127.0.0.1, push IMAGE from STORE to its S3 gateway,
     /// write the S3 store URL to URL_FILE, then SIGKILL and restart the gateway every 1-5 s
-    /// until the file STOP exists; prints how many times. For scripts/bench-programs.
+    /// until the file STOP exists (with --calm: never); prints how many times. For
+    /// scripts/bench-programs.
     ServeS3 {
         #[arg(long)]
         store: PathBuf,
@@ -133,6 +134,8 @@ enum Command {
         url_file: PathBuf,
         #[arg(long)]
         stop: PathBuf,
+        #[arg(long)]
+        calm: bool,
     },
     /// Write everything observable about a tree, one entry a line, to OUT (trees on two
     /// machines compare as text).
@@ -207,7 +210,7 @@ fn main() -> ExitCode {
             bench_stores::bench(rounds, kills);
             ExitCode::SUCCESS
         }
-        Command::ServeS3 { store, image, url_file, stop } => {
+        Command::ServeS3 { store, image, url_file, stop, calm } => {
             let mut seaweed = SeaweedFs::start();
             seaweed.create_bucket("programs");
             let url = seaweed.store_url("programs", "image");
@@ -223,8 +226,10 @@ fn main() -> ExitCode {
                     }
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                seaweed.s3.restart();
-                restarts += 1;
+                if !calm {
+                    seaweed.s3.restart();
+                    restarts += 1;
+                }
             }
             println!("S3 gateway SIGKILLed and restarted {restarts} times");
             ExitCode::SUCCESS
