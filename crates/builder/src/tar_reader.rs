@@ -172,8 +172,8 @@ impl<R: Read> TarReader<R> {
     /// Reads the map at the start of a sparse entry's data (format 1.0: decimal numbers one
     /// per line, the count then offset and length pairs, padded to a block).
     fn sparse_map(&mut self, real_size: u64) -> Result<Sparse, TarError> {
-        let bad = TarError::Field { field: "sparse map" };
-        let mut map_bytes = Vec::new();
+        let bad = || TarError::Field { field: "sparse map" };
+        let mut map_len = 0u64;
         let mut numbers = Vec::new();
         let mut line = Vec::new();
         while numbers.len() < 1 + 2 * numbers.first().copied().unwrap_or(0) as usize {
@@ -182,34 +182,34 @@ impl<R: Read> TarReader<R> {
                 return Err(TarError::Truncated("a sparse map"));
             }
             self.remaining -= 1;
-            map_bytes.push(byte[0]);
+            map_len += 1;
             match byte[0] {
                 b'\n' => {
-                    let number = std::str::from_utf8(&line).ok().and_then(|t| t.parse::<u64>().ok()).ok_or(TarError::Field { field: "sparse map" })?;
+                    let number = std::str::from_utf8(&line).ok().and_then(|t| t.parse::<u64>().ok()).ok_or_else(bad)?;
                     if numbers.is_empty() && number > 1 << 24 {
-                        return Err(TarError::Field { field: "sparse map" });
+                        return Err(bad());
                     }
                     numbers.push(number);
                     line.clear();
                 }
                 b'0'..=b'9' if line.len() < 20 => line.push(byte[0]),
-                _ => return Err(bad),
+                _ => return Err(bad()),
             }
         }
-        let skip = padding_of(map_bytes.len() as u64).min(self.remaining);
+        let skip = padding_of(map_len).min(self.remaining);
         self.skip(skip, 0, "a sparse map")?;
         self.remaining -= skip;
         let segments: Vec<(u64, u64)> = numbers[1..].chunks(2).map(|pair| (pair[0], pair[1])).collect();
         let mut end = 0;
         for &(offset, len) in &segments {
-            let segment_end = offset.checked_add(len).ok_or(TarError::Field { field: "sparse map" })?;
+            let segment_end = offset.checked_add(len).ok_or_else(bad)?;
             if offset < end || segment_end > real_size {
-                return Err(TarError::Field { field: "sparse map" });
+                return Err(bad());
             }
             end = segment_end;
         }
         if segments.iter().map(|s| s.1).sum::<u64>() != self.remaining {
-            return Err(TarError::Field { field: "sparse map" });
+            return Err(bad());
         }
         Ok(Sparse { segments, next: 0, position: 0, size: real_size })
     }

@@ -62,6 +62,7 @@ pub fn build_from_tar(input: impl Read + 'static, name: &str, store: &dyn ChunkS
         for _ in 0..workers {
             scope.spawn(|| store_pieces(&pieces, &sink, &results, &failed, &stop));
         }
+        let stream = Stream { chunk_bits: options.chunk_bits, queue: &queue, results: &results, stop: &stop, progress: &progress };
         let read = (|| {
             let mut last = String::new();
             loop {
@@ -72,7 +73,6 @@ pub fn build_from_tar(input: impl Read + 'static, name: &str, store: &dyn ChunkS
                     Err(e) => return Err(bad(format!("after {last}: {e}"))),
                 };
                 last = String::from_utf8_lossy(&entry.path).into_owned();
-                let stream = Stream { chunk_bits: options.chunk_bits, queue: &queue, results: &results, stop: &stop, progress: &progress };
                 tree.add(&entry, &mut reader, &stream).map_err(|detail| bad(format!("{last}: {detail}")))?;
                 if stop.load(Ordering::Relaxed) {
                     return Ok(());
@@ -94,20 +94,20 @@ pub fn build_from_tar(input: impl Read + 'static, name: &str, store: &dyn ChunkS
     let (tree, files) = tree.numbered();
     let mut results = results.into_inner().expect("not poisoned");
     let sizes: Vec<u64> = files.iter().map(|f| f.size).collect();
+    let file_nodes: Vec<usize> = files.iter().map(|f| f.node).collect();
     let mut outcomes = Vec::new();
-    for (i, file) in files.iter().enumerate() {
-        match &file.data {
-            StreamData::Inline(bytes) => outcomes.push((i, ChunkOutcome::Inline(bytes.clone()))),
+    for (i, file) in files.into_iter().enumerate() {
+        match file.data {
+            StreamData::Inline(bytes) => outcomes.push((i, ChunkOutcome::Inline(bytes))),
             StreamData::Chunked { id, chunks } => {
-                for index in 0..*chunks {
-                    let outcome = results.remove(&(*id, index)).expect("every piece was stored or the build failed");
+                for index in 0..chunks {
+                    let outcome = results.remove(&(id, index)).expect("every piece was stored or the build failed");
                     outcomes.push((i, outcome));
                 }
             }
         }
     }
     let processed = assemble(options.chunk_bits, &sizes, outcomes.into_iter(), sink);
-    let file_nodes: Vec<usize> = files.iter().map(|f| f.node).collect();
     publish(tree, &file_nodes, processed, store, options)
 }
 

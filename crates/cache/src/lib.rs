@@ -8,7 +8,8 @@
 //! proven by that key whichever image brought them, so no image can plant a chunk another
 //! image reads. Every load from the cache directory checks its length and crc32c
 //! (hardware-accelerated, a tenth of sha256's cost on the warm read path), and a torn or
-//! flipped file is deleted and fetched again. Concurrent readers of one chunk share one fetch (single-flight).
+//! flipped file is deleted and fetched again. Concurrent readers of one chunk share one fetch
+//! (single-flight).
 //! A chunk is looked for in four levels, nearest first:
 //! 1. a small private memory LRU, so the several READ requests that cover one chunk copy it
 //!    once;
