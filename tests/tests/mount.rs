@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use phoenixfs_tests::mount::{is_mounted, PhoenixMount};
 use phoenixfs_tests::trees::noise;
@@ -269,4 +269,36 @@ fn prefetch_warms_the_cache_in_the_background() {
     assert_eq!(status["chunks_fetched"], 2, "only file1's chunks: {status}");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(some.status()["chunks_fetched"], 2);
+}
+
+/// A worker killed soon after it began serving must not let the cache outgrow its limit:
+/// each one counts the chunk files already there (its index) before it has served long.
+#[test]
+fn the_cache_keeps_its_size_limit_while_workers_are_killed() {
+    let root = fixture_dir("mount-cache-limit-kills");
+    let (src, store, image) = tree(&root, 1, 32 * MIB);
+    let cache = root.join("cache");
+    let limit = 8 * MIB as u64;
+    let mount = PhoenixMount::new(&image, &store, &cache, &["--cache-size", "8M", "--readahead", "0"]);
+    let expected = fs::read(src.join("file0")).unwrap();
+    let file = File::open(mount.path().join("file0")).unwrap();
+    let mut piece = vec![0u8; MIB];
+    for i in 0..32 {
+        file.read_exact_at(&mut piece, (i * MIB) as u64).unwrap();
+        assert!(piece == expected[i * MIB..(i + 1) * MIB], "MiB {i} differs from the source");
+        // Long enough for a new worker's index, far shorter than a worker's life in use.
+        std::thread::sleep(Duration::from_millis(50));
+        let worker = mount.worker_pid();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(worker as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    }
+    file.read_exact_at(&mut piece, 0).unwrap();
+    // The last worker's index may still be under way: give it a moment, but less than the
+    // second a worker once waited before indexing.
+    let held = || chunk_files(&cache).iter().filter_map(|f| fs::metadata(f).ok()).map(|m| m.len()).sum::<u64>();
+    let deadline = Instant::now() + Duration::from_millis(600);
+    while held() > limit && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let held = held();
+    assert!(held <= limit, "after 32 worker kills the cache holds {held} bytes, over its {limit}-byte limit");
 }

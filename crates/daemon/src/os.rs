@@ -22,10 +22,16 @@ pub(crate) fn spawn_thread(name: &str, body: impl FnOnce() + Send + 'static) -> 
 }
 
 
-/// Background work (prefetch, indexing) yields the CPU to serving requests.
+/// Background work (prefetch, indexing) yields the CPU and the disk to serving requests.
 pub(crate) fn lowest_priority_for_this_thread() {
-    // SAFETY: setpriority with who = 0 changes only the calling thread on Linux.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+    const IOPRIO_WHO_PROCESS: libc::c_int = 1;
+    const IOPRIO_CLASS_IDLE: libc::c_int = 3;
+    const IOPRIO_CLASS_SHIFT: libc::c_int = 13;
+    // SAFETY: setpriority and ioprio_set with who = 0 change only the calling thread on Linux.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+        libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT);
+    }
 }
 
 pub(crate) fn set_cloexec(fd: BorrowedFd<'_>) {
