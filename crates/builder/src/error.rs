@@ -11,6 +11,8 @@ pub enum BuildError {
     Source { path: PathBuf, source: io::Error },
     #[error("{} is not a directory", path.display())]
     NotADirectory { path: PathBuf },
+    #[error("OCI image {image}: {detail}; nothing was published")]
+    Oci { image: String, detail: String },
     #[error("tar stream {name}: {detail}; nothing was published")]
     Tar { name: String, detail: String },
     #[error("{} changed during the build ({detail}); nothing was published", path.display())]
@@ -25,6 +27,8 @@ pub enum BuildError {
     ChunkSize(u8),
     #[error("the image needs more than 2^32 chunks")]
     TooManyChunks,
+    #[error("the image's metadata is 4 GiB or more")]
+    MetadataTooBig,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot write the image: {0}")]

@@ -1,6 +1,8 @@
-//! The builder: packs a source directory or a tar stream into a phoenixfs image.
+//! The builder: packs a source directory, a tar stream or a container image into a phoenixfs
+//! image.
 //!
-//! Owns: walking the source tree ([`source`]) or reading a tar stream ([`tarball`]), reading, hashing, compressing and storing file
+//! Owns: walking the source tree ([`source`]), reading tar streams ([`tarball`]) and the layers
+//! of OCI images ([`oci`]), reading, hashing, compressing and storing file
 //! data chunk by chunk in parallel ([`chunker`]), and putting bootstrap, chunk table and image
 //! file together. The same input always gives byte-identical output.
 //!
@@ -9,6 +11,7 @@
 
 pub mod chunker;
 mod error;
+pub mod oci;
 pub mod source;
 mod tar_reader;
 pub mod tarball;
@@ -24,7 +27,7 @@ use phoenixfs_store::ChunkStore;
 use chunker::Processed;
 pub use chunker::ChunkOutcome;
 pub use error::BuildError;
-pub use tarball::build_from_tar;
+pub use tarball::{build_from_layers, build_from_tar, Layer, Whiteouts};
 
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
@@ -70,7 +73,7 @@ pub fn build(src: &Path, store: &dyn ChunkStore, options: &BuildOptions) -> Resu
     let scan = source::scan(src)?;
     let processed = chunker::process(&scan.files, store, options)?;
     let file_nodes: Vec<usize> = scan.files.iter().map(|f| f.node).collect();
-    publish(scan.tree, &file_nodes, processed, store, options)
+    publish(scan.tree, &file_nodes, processed, &[], store, options)
 }
 
 fn check_chunk_bits(options: &BuildOptions) -> Result<(), BuildError> {
@@ -82,8 +85,9 @@ fn check_chunk_bits(options: &BuildOptions) -> Result<(), BuildError> {
 }
 
 /// Gives regular file `file_nodes[i]` of `tree` its data `processed.file_data[i]`, writes the
-/// bootstrap and the image file, and stores the image: the last step, once every chunk is in.
-fn publish(mut tree: Tree, file_nodes: &[usize], processed: Processed, store: &dyn ChunkStore, options: &BuildOptions) -> Result<Built, BuildError> {
+/// bootstrap and the image file (with `metadata`), and stores the image: the last step, once
+/// every chunk is in.
+fn publish(mut tree: Tree, file_nodes: &[usize], processed: Processed, metadata: &[u8], store: &dyn ChunkStore, options: &BuildOptions) -> Result<Built, BuildError> {
     let mut stats = BuildStats { inodes: tree.nodes.len() as u64, ..Default::default() };
     for node in &tree.nodes {
         match &node.kind {
@@ -109,7 +113,7 @@ fn publish(mut tree: Tree, file_nodes: &[usize], processed: Processed, store: &d
         chunks: u32::try_from(processed.table.entries.len()).map_err(|_| BuildError::TooManyChunks)?,
     };
     let bootstrap = write_bootstrap(&tree, &blob)?;
-    let image_file = ImageFile::encode(&bootstrap, &processed.table);
+    let image_file = ImageFile::encode_with_metadata(&bootstrap, &processed.table, metadata).ok_or(BuildError::MetadataTooBig)?;
     let id = ImageId::of(&image_file);
     store.put_image(&id, &image_file)?;
     Ok(Built { id, image_file, stats })

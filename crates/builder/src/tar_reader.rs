@@ -65,6 +65,11 @@ impl<R: Read> TarReader<R> {
         TarReader { inner, remaining: 0, padding: 0, sparse: None, global: Vec::new(), ended: false }
     }
 
+    /// The stream, from where reading stopped.
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+
     /// The next entry (its data is then read through `Read`), or None after the
     /// end-of-archive block. A stream that stops without one is an error.
     pub fn next_entry(&mut self) -> Result<Option<TarEntry>, TarError> {

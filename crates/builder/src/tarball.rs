@@ -10,6 +10,10 @@
 //! and symlinks, GNU and PAX long names. Directories the stream never lists get mode 0755,
 //! owner 0 and time 0. A later entry for a path replaces an earlier one, as when unpacking.
 //! A damaged or truncated stream is an error naming the entry and nothing is published.
+//!
+//! Several streams can be laid one over another, as the layers of a container image are
+//! ([`build_from_layers`]): with [`Whiteouts::Applied`], `.wh.NAME` deletes NAME from the layers
+//! below and `.wh..wh..opq` hides everything the layers below put in its directory.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{self, Read};
@@ -29,25 +33,43 @@ use crate::{check_chunk_bits, publish, BuildError, BuildOptions, Built};
 
 /// Chunks read ahead of the workers, per worker.
 const QUEUE_PER_WORKER: usize = 2;
+const WHITEOUT_PREFIX: &[u8] = b".wh.";
+const OPAQUE_WHITEOUT: &[u8] = b".wh..wh..opq";
+
+/// One tar stream of a build: plain, gzip or zstd compressed (told by its first bytes).
+pub struct Layer {
+    /// Names the stream in errors.
+    pub name: String,
+    pub stream: Box<dyn Read>,
+}
+
+/// What `.wh.` names in a stream mean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Whiteouts {
+    /// Nothing special: files like any other (a plain tar).
+    Kept,
+    /// Deletions from the layers below, as in OCI and Docker image layers.
+    Applied,
+}
 
 /// Packs the tar stream `input` (plain, gzip or zstd compressed: told by its first bytes)
 /// into an image; `name` names the stream in errors.
 pub fn build_from_tar(input: impl Read + 'static, name: &str, store: &dyn ChunkStore, options: &BuildOptions) -> Result<Built, BuildError> {
-    check_chunk_bits(options)?;
-    let bad = |detail: String| BuildError::Tar { name: name.to_string(), detail };
-    let mut input = io::BufReader::with_capacity(1 << 20, input);
-    let magic = {
-        let buffered = io::BufRead::fill_buf(&mut input).map_err(|e| bad(e.to_string()))?;
-        buffered[..buffered.len().min(4)].to_vec()
-    };
-    let stream: Box<dyn Read> = match magic.as_slice() {
-        [0x1f, 0x8b, ..] => Box::new(flate2::read::MultiGzDecoder::new(input)),
-        [0x28, 0xb5, 0x2f, 0xfd] => Box::new(zstd::stream::read::Decoder::with_buffer(input).map_err(|e| bad(format!("zstd: {e}")))?),
-        [] => return Err(bad("the stream is empty".into())),
-        _ => Box::new(input),
-    };
-    let mut reader = TarReader::new(stream);
+    let layer = Layer { name: name.to_string(), stream: Box::new(input) };
+    build_from_layers(std::iter::once(Ok(layer)), Whiteouts::Kept, &[], store, options)
+}
 
+/// Packs tar streams laid one over another, the first at the bottom, into one image carrying
+/// `metadata` ([`phoenixfs_format::ImageFile::metadata`]). Each stream is opened when the one
+/// before has been read to its end.
+pub fn build_from_layers(
+    layers: impl Iterator<Item = Result<Layer, BuildError>>,
+    whiteouts: Whiteouts,
+    metadata: &[u8],
+    store: &dyn ChunkStore,
+    options: &BuildOptions,
+) -> Result<Built, BuildError> {
+    check_chunk_bits(options)?;
     let sink = ChunkSink::new(store, options);
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let (queue, pieces) = sync_channel::<Piece>(workers * QUEUE_PER_WORKER);
@@ -64,20 +86,15 @@ pub fn build_from_tar(input: impl Read + 'static, name: &str, store: &dyn ChunkS
         }
         let stream = Stream { chunk_bits: options.chunk_bits, queue: &queue, results: &results, stop: &stop, progress: &progress };
         let read = (|| {
-            let mut last = String::new();
-            loop {
-                let entry = match reader.next_entry() {
-                    Ok(Some(entry)) => entry,
-                    Ok(None) => return Ok(()),
-                    Err(e) if last.is_empty() => return Err(bad(format!("not a tar stream (nor a directory): {e}"))),
-                    Err(e) => return Err(bad(format!("after {last}: {e}"))),
-                };
-                last = String::from_utf8_lossy(&entry.path).into_owned();
-                tree.add(&entry, &mut reader, &stream).map_err(|detail| bad(format!("{last}: {detail}")))?;
+            for (index, layer) in layers.enumerate() {
+                let layer = layer?;
+                let depth = u32::try_from(index).expect("fewer than 2^32 layers");
+                read_layer(layer, depth, whiteouts, &mut tree, &stream)?;
                 if stop.load(Ordering::Relaxed) {
-                    return Ok(());
+                    break;
                 }
             }
+            Ok::<(), BuildError>(())
         })();
         drop(queue);
         if read.is_err() {
@@ -108,7 +125,41 @@ pub fn build_from_tar(input: impl Read + 'static, name: &str, store: &dyn ChunkS
         }
     }
     let processed = assemble(options.chunk_bits, &sizes, outcomes.into_iter(), sink);
-    publish(tree, &file_nodes, processed, store, options)
+    publish(tree, &file_nodes, processed, metadata, store, options)
+}
+
+/// Adds the entries of one stream to `tree` and reads the stream to its very end (so that a
+/// stream checking its own digest at the end gets to check it).
+fn read_layer(layer: Layer, depth: u32, whiteouts: Whiteouts, tree: &mut StreamTree, stream: &Stream) -> Result<(), BuildError> {
+    let bad = |detail: String| BuildError::Tar { name: layer.name.clone(), detail };
+    let mut input = io::BufReader::with_capacity(1 << 20, layer.stream);
+    let magic = {
+        let buffered = io::BufRead::fill_buf(&mut input).map_err(|e| bad(e.to_string()))?;
+        buffered[..buffered.len().min(4)].to_vec()
+    };
+    let decompressed: Box<dyn Read> = match magic.as_slice() {
+        [0x1f, 0x8b, ..] => Box::new(flate2::read::MultiGzDecoder::new(input)),
+        [0x28, 0xb5, 0x2f, 0xfd] => Box::new(zstd::stream::read::Decoder::with_buffer(input).map_err(|e| bad(format!("zstd: {e}")))?),
+        [] => return Err(bad("the stream is empty".into())),
+        _ => Box::new(input),
+    };
+    let mut reader = TarReader::new(decompressed);
+    let mut last = String::new();
+    loop {
+        let entry = match reader.next_entry() {
+            Ok(Some(entry)) => entry,
+            Ok(None) => break,
+            Err(e) if last.is_empty() => return Err(bad(format!("not a tar stream (nor a directory): {e}"))),
+            Err(e) => return Err(bad(format!("after {last}: {e}"))),
+        };
+        last = String::from_utf8_lossy(&entry.path).into_owned();
+        tree.add(&entry, &mut reader, stream, depth, whiteouts).map_err(|detail| bad(format!("{last}: {detail}")))?;
+        if stream.stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+    }
+    io::copy(&mut reader.into_inner(), &mut io::sink()).map_err(|e| bad(format!("after the end of the archive: {e}")))?;
+    Ok(())
 }
 
 /// One chunk of a file's data on its way to the store.
@@ -165,6 +216,8 @@ struct StreamNode {
     attr: Attr,
     xattrs: Vec<Xattr>,
     kind: StreamKind,
+    /// The stream (layer) that last listed it, 0 at the bottom.
+    layer: u32,
 }
 
 enum StreamKind {
@@ -175,12 +228,19 @@ enum StreamKind {
 
 impl StreamTree {
     fn new() -> Self {
-        StreamTree { nodes: vec![implicit_dir()], next_file: 0 }
+        StreamTree { nodes: vec![implicit_dir(0)], next_file: 0 }
     }
 
-    /// Adds one tar entry, its data read from `data` and handed to `queue` chunk by chunk.
-    fn add(&mut self, entry: &TarEntry, data: &mut TarReader<impl Read>, stream: &Stream) -> Result<(), String> {
+    /// Adds one tar entry of stream `layer`, its data read from `data` and handed to `queue`
+    /// chunk by chunk; or, for a whiteout, deletes what it names.
+    fn add(&mut self, entry: &TarEntry, data: &mut TarReader<impl Read>, stream: &Stream, layer: u32, whiteouts: Whiteouts) -> Result<(), String> {
         let names = components(&entry.path)?;
+        if whiteouts == Whiteouts::Applied {
+            if let Some((name, parents)) = names.split_last().filter(|(name, _)| name.starts_with(WHITEOUT_PREFIX)) {
+                self.white_out(parents, name, layer);
+                return Ok(());
+            }
+        }
         let attr = Attr {
             mode: (entry.mode & 0o7777) as u16,
             uid: u32::try_from(entry.uid).map_err(|_| "uid beyond 32 bits")?,
@@ -192,26 +252,26 @@ impl StreamTree {
         let node = match entry.kind {
             b'5' => {
                 if let Some(existing) = self.lookup(&names).filter(|&n| matches!(self.nodes[n].kind, StreamKind::Dir(_))) {
-                    self.nodes[existing].attr = attr;
-                    self.nodes[existing].xattrs = xattrs;
+                    let node = &mut self.nodes[existing];
+                    (node.attr, node.xattrs, node.layer) = (attr, xattrs, layer);
                     return Ok(());
                 }
-                StreamNode { attr, xattrs, kind: StreamKind::Dir(BTreeMap::new()) }
+                StreamNode { attr, xattrs, kind: StreamKind::Dir(BTreeMap::new()), layer }
             }
             b'1' => {
                 let target = self.lookup(&components(&entry.link)?).ok_or_else(|| format!("a hard link to {}, which the stream has not shown", String::from_utf8_lossy(&entry.link)))?;
                 if matches!(self.nodes[target].kind, StreamKind::Dir(_)) {
                     return Err("a hard link to a directory".into());
                 }
-                return self.link(&names, target);
+                return self.link(&names, target, layer);
             }
-            b'2' => StreamNode { attr, xattrs, kind: StreamKind::Other(NodeKind::Symlink(entry.link.clone())) },
+            b'2' => StreamNode { attr, xattrs, kind: StreamKind::Other(NodeKind::Symlink(entry.link.clone())), layer },
             b'3' | b'4' => {
                 let rdev = nix::sys::stat::makedev(entry.major.into(), entry.minor.into());
                 let kind = if entry.kind == b'3' { NodeKind::CharDevice(rdev) } else { NodeKind::BlockDevice(rdev) };
-                StreamNode { attr, xattrs, kind: StreamKind::Other(kind) }
+                StreamNode { attr, xattrs, kind: StreamKind::Other(kind), layer }
             }
-            b'6' => StreamNode { attr, xattrs, kind: StreamKind::Other(NodeKind::Fifo) },
+            b'6' => StreamNode { attr, xattrs, kind: StreamKind::Other(NodeKind::Fifo), layer },
             _ => {
                 let size = entry.size;
                 let stored = if fits_inline(size, &xattrs) {
@@ -225,24 +285,54 @@ impl StreamTree {
                     let chunks = stream.read_chunks(data, id, size)?;
                     StreamData::Chunked { id, chunks }
                 };
-                StreamNode { attr, xattrs, kind: StreamKind::File { size, data: stored } }
+                StreamNode { attr, xattrs, kind: StreamKind::File { size, data: stored }, layer }
             }
         };
         let Some((name, parents)) = names.split_last() else {
             return Err("only a directory can be the root".into());
         };
-        let parent = self.make_dirs(parents)?;
+        let parent = self.make_dirs(parents, layer)?;
         let index = self.nodes.len();
         self.nodes.push(node);
         self.children(parent)?.insert(name.clone(), index);
         Ok(())
     }
 
-    fn link(&mut self, names: &[Vec<u8>], target: usize) -> Result<(), String> {
+    fn link(&mut self, names: &[Vec<u8>], target: usize, layer: u32) -> Result<(), String> {
         let (name, parents) = names.split_last().ok_or("a hard link cannot be the root")?;
-        let parent = self.make_dirs(parents)?;
+        let parent = self.make_dirs(parents, layer)?;
         self.children(parent)?.insert(name.clone(), target);
         Ok(())
+    }
+
+    /// Applies whiteout `name` (in directory `parents`) of stream `layer`. A whiteout of
+    /// something no layer below has hides nothing; aufs's other `.wh..wh.` names (hard link
+    /// and metadata bookkeeping) mean nothing here.
+    fn white_out(&mut self, parents: &[Vec<u8>], name: &[u8], layer: u32) {
+        let Some(dir) = self.lookup(parents) else { return };
+        if name == OPAQUE_WHITEOUT {
+            self.hide_lower(dir, layer);
+        } else if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX).filter(|n| !n.starts_with(WHITEOUT_PREFIX)) {
+            if let Ok(children) = self.children(dir) {
+                children.remove(hidden);
+            }
+        }
+    }
+
+    /// Takes out of `dir` whatever layers below `layer` put there, also below directories
+    /// that `layer` lists again.
+    fn hide_lower(&mut self, dir: usize, layer: u32) {
+        let StreamKind::Dir(children) = &self.nodes[dir].kind else { return };
+        let children: Vec<(Vec<u8>, usize)> = children.iter().map(|(name, &child)| (name.clone(), child)).collect();
+        for (name, child) in children {
+            if self.nodes[child].layer < layer {
+                if let StreamKind::Dir(entries) = &mut self.nodes[dir].kind {
+                    entries.remove(&name);
+                }
+            } else if matches!(self.nodes[child].kind, StreamKind::Dir(_)) {
+                self.hide_lower(child, layer);
+            }
+        }
     }
 
     fn lookup(&self, names: &[Vec<u8>]) -> Option<usize> {
@@ -254,14 +344,14 @@ impl StreamTree {
 
     /// The directory at `names`, made (with default attributes) where the stream has not
     /// listed it yet.
-    fn make_dirs(&mut self, names: &[Vec<u8>]) -> Result<usize, String> {
+    fn make_dirs(&mut self, names: &[Vec<u8>], layer: u32) -> Result<usize, String> {
         let mut node = 0;
         for name in names {
             node = match self.children(node)?.get(name) {
                 Some(&child) => child,
                 None => {
                     let child = self.nodes.len();
-                    self.nodes.push(implicit_dir());
+                    self.nodes.push(implicit_dir(layer));
                     self.children(node)?.insert(name.clone(), child);
                     child
                 }
@@ -315,8 +405,8 @@ impl StreamTree {
     }
 }
 
-fn implicit_dir() -> StreamNode {
-    StreamNode { attr: Attr { mode: 0o755, uid: 0, gid: 0, mtime: 0, mtime_nsec: 0 }, xattrs: Vec::new(), kind: StreamKind::Dir(BTreeMap::new()) }
+fn implicit_dir(layer: u32) -> StreamNode {
+    StreamNode { attr: Attr { mode: 0o755, uid: 0, gid: 0, mtime: 0, mtime_nsec: 0 }, xattrs: Vec::new(), kind: StreamKind::Dir(BTreeMap::new()), layer }
 }
 
 /// Where the data of the files in a stream goes.

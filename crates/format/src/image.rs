@@ -1,9 +1,16 @@
-//! The image file: bootstrap, chunk table, footer; named by the sha256 of all its bytes.
+//! The image file: bootstrap, chunk table, metadata, footer; named by the sha256 of all its
+//! bytes.
 //!
 //! ```text
-//! footer (last 64 bytes)  magic "PHXIMAGE", version u32 = 1, reserved u32,
+//! footer (last 64 bytes)  magic "PHXIMAGE", version u32, metadata_len u32,
 //!                         bootstrap_len u64, table_len u64, sha256 of all bytes before the footer
 //! ```
+//!
+//! Version 1 has no metadata (the field is zero). Version 2 has `metadata_len` bytes between
+//! the table and the footer: what the builder recorded about the image's origin (a converted
+//! OCI image's manifest digest and config, as UTF-8 JSON), opaque to this crate and never
+//! read by a mount. Images without metadata are written as version 1, so their ids do not
+//! change.
 //!
 //! The footer's own checksum lets a file read from a path (which has no id to check against)
 //! prove it is whole; an image fetched by id is also checked against the id.
@@ -30,6 +37,7 @@ use crate::reader::Bootstrap;
 
 const FOOTER_MAGIC: &[u8; 8] = b"PHXIMAGE";
 const FOOTER_VERSION: u32 = 1;
+const FOOTER_VERSION_METADATA: u32 = 2;
 pub const FOOTER_SIZE: usize = 64;
 
 /// An image's name: the sha256 of its image file.
@@ -63,12 +71,15 @@ pub struct ImageFile {
     pub bootstrap: Bootstrap,
     pub table: ChunkTableView,
     bytes: ImageBytes,
+    /// Where the metadata is in `bytes` (empty for version 1).
+    metadata: std::ops::Range<usize>,
 }
 
 /// What the footer says, checked against the length of the bytes it ends.
 struct Footer {
     bootstrap_len: usize,
     table_len: usize,
+    metadata_len: usize,
     checksum: [u8; 32],
 }
 
@@ -82,19 +93,22 @@ impl Footer {
         if &footer[..8] != FOOTER_MAGIC {
             return Err(FormatError::BadMagic { what: "image footer" });
         }
-        if le32(footer, 8) != FOOTER_VERSION {
-            return Err(FormatError::Unsupported { what: "image version", value: le32(footer, 8).into() });
-        }
-        if le32(footer, 12) != 0 {
-            return Err(FormatError::corrupt("image footer", "reserved bytes are not zero"));
+        let metadata_len = le32(footer, 12);
+        match le32(footer, 8) {
+            FOOTER_VERSION if metadata_len != 0 => return Err(FormatError::corrupt("image footer", "reserved bytes are not zero")),
+            FOOTER_VERSION_METADATA if metadata_len == 0 => return Err(FormatError::corrupt("image footer", "version 2 without metadata")),
+            FOOTER_VERSION | FOOTER_VERSION_METADATA => {}
+            version => return Err(FormatError::Unsupported { what: "image version", value: version.into() }),
         }
         let (bootstrap_len, table_len) = (le64(footer, 16), le64(footer, 24));
-        if bootstrap_len.checked_add(table_len) != Some(body_len as u64) || bootstrap_len % BLOCK_SIZE as u64 != 0 {
-            return Err(FormatError::corrupt("image footer", format!("lengths {bootstrap_len} + {table_len} != {body_len}")));
+        let total = bootstrap_len.checked_add(table_len).and_then(|n| n.checked_add(metadata_len.into()));
+        if total != Some(body_len as u64) || bootstrap_len % BLOCK_SIZE as u64 != 0 {
+            return Err(FormatError::corrupt("image footer", format!("lengths {bootstrap_len} + {table_len} + {metadata_len} != {body_len}")));
         }
         Ok(Footer {
             bootstrap_len: bootstrap_len as usize,
             table_len: table_len as usize,
+            metadata_len: metadata_len as usize,
             checksum: footer[32..64].try_into().expect("32 bytes"),
         })
     }
@@ -103,19 +117,28 @@ impl Footer {
 impl ImageFile {
     /// Joins a bootstrap and its chunk table into image file bytes.
     pub fn encode(bootstrap: &[u8], table: &ChunkTable) -> Vec<u8> {
+        Self::encode_with_metadata(bootstrap, table, &[]).expect("no metadata is not too much")
+    }
+
+    /// Joins a bootstrap, its chunk table and `metadata` (none: a version 1 image) into image
+    /// file bytes; None if the metadata is 4 GiB or more.
+    pub fn encode_with_metadata(bootstrap: &[u8], table: &ChunkTable, metadata: &[u8]) -> Option<Vec<u8>> {
         debug_assert_eq!(bootstrap.len() % BLOCK_SIZE, 0);
+        let metadata_len = u32::try_from(metadata.len()).ok()?;
+        let version = if metadata.is_empty() { FOOTER_VERSION } else { FOOTER_VERSION_METADATA };
         let table = table.encode();
-        let mut out = Vec::with_capacity(bootstrap.len() + table.len() + FOOTER_SIZE);
+        let mut out = Vec::with_capacity(bootstrap.len() + table.len() + metadata.len() + FOOTER_SIZE);
         out.extend_from_slice(bootstrap);
         out.extend_from_slice(&table);
+        out.extend_from_slice(metadata);
         let checksum = Digest::of(&out);
         out.extend_from_slice(FOOTER_MAGIC);
-        out.extend_from_slice(&FOOTER_VERSION.to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&version.to_le_bytes());
+        out.extend_from_slice(&metadata_len.to_le_bytes());
         out.extend_from_slice(&(bootstrap.len() as u64).to_le_bytes());
         out.extend_from_slice(&(table.len() as u64).to_le_bytes());
         out.extend_from_slice(&checksum.0);
-        out
+        Some(out)
     }
 
     /// Opens and proves image file bytes of unknown origin: footer, checksum, every chunk table
@@ -126,7 +149,7 @@ impl ImageFile {
         let bytes = bytes.into();
         let file: &[u8] = &bytes;
         let footer = Footer::read(file)?;
-        let body_len = footer.bootstrap_len + footer.table_len;
+        let body_len = footer.bootstrap_len + footer.table_len + footer.metadata_len;
         let mut hasher = Sha256::new();
         hasher.update(&file[..body_len]);
         if hasher.clone().finalize()[..] != footer.checksum {
@@ -161,9 +184,15 @@ impl ImageFile {
         &self.bytes
     }
 
+    /// What the builder recorded about the image's origin (empty if nothing).
+    pub fn metadata(&self) -> &[u8] {
+        &self.bytes[self.metadata.clone()]
+    }
+
     /// Everything both ways of opening check: the structure of the bytes, in constant time.
     fn open(bytes: ImageBytes, id: ImageId, footer: &Footer) -> Result<Self, FormatError> {
-        let body_len = footer.bootstrap_len + footer.table_len;
+        let table_end = footer.bootstrap_len + footer.table_len;
+        let metadata = table_end..table_end + footer.metadata_len;
         let part = |range: std::ops::Range<usize>, what| {
             bytes.slice(range.clone()).ok_or(FormatError::Truncated {
                 what,
@@ -172,7 +201,7 @@ impl ImageFile {
                 len: bytes.len() as u64,
             })
         };
-        let table = ChunkTableView::new(part(footer.bootstrap_len..body_len, "chunk table")?)?;
+        let table = ChunkTableView::new(part(footer.bootstrap_len..table_end, "chunk table")?)?;
         let bootstrap = Bootstrap::new(part(0..footer.bootstrap_len, "bootstrap")?)?;
         match bootstrap.blob() {
             Some((_, blob_len)) if blob_len != table.blob_len() => {
@@ -183,6 +212,6 @@ impl ImageFile {
             }
             _ => {}
         }
-        Ok(ImageFile { id, bootstrap, table, bytes })
+        Ok(ImageFile { id, bootstrap, table, bytes, metadata })
     }
 }

@@ -272,3 +272,26 @@ fn every_damaged_image_file_is_rejected() {
         assert!(ImageFile::decode(file[..cut].to_vec()).is_err(), "cut at {cut} accepted");
     }
 }
+
+/// Metadata (version 2) reads back, takes part in the id and the checksum, and any damage to
+/// it, to its length or to the version is rejected; an image without any stays version 1.
+#[test]
+fn metadata_reads_back_and_every_damage_to_it_is_rejected() {
+    let (bootstrap, table) = sample();
+    let metadata = br#"{"manifest_digest":"sha256:00"}"#;
+    let file = ImageFile::encode_with_metadata(&bootstrap, &table, metadata).unwrap();
+    let image = ImageFile::decode(file.clone()).unwrap();
+    assert_eq!(image.metadata(), metadata);
+    assert_eq!(ImageFile::from_verified(file.clone(), image.id).unwrap().metadata(), metadata);
+    assert_eq!(summarize(&image).unwrap(), summarize(&ImageFile::decode(sample_file()).unwrap()).unwrap());
+    assert_ne!(image.id, ImageId::of(&sample_file()));
+    assert!(ImageFile::decode(sample_file()).unwrap().metadata().is_empty());
+    assert_eq!(ImageFile::encode_with_metadata(&bootstrap, &table, &[]).unwrap(), sample_file());
+    let body = file.len() - 64;
+    for at in (body - metadata.len()..body).chain(body + 8..body + 16) {
+        let mut flipped = file.clone();
+        flipped[at] ^= 1;
+        assert!(ImageFile::decode(flipped.clone()).is_err(), "flip at {at} accepted");
+        exercise_unverified(flipped);
+    }
+}

@@ -37,7 +37,7 @@ pub use image::{load_image, ImageLoadError};
 pub use local::LocalStore;
 pub use memory::MemoryStore;
 pub use mirrors::Mirrors;
-pub use oci::OciStore;
+pub use oci::{BlobStream, OciStore};
 pub use patient::Patient;
 pub use remote::RemoteStore;
 pub use url::StoreUrl;

@@ -2,15 +2,19 @@
 //! of one repository, named by the sha256 of its bytes. An image's blob digest is its id; a
 //! chunk's is the digest of its stored bytes, which version 2 chunk tables carry.
 //!
+//! The same client reads container images for `convert`: manifests by tag or digest, and
+//! layer blobs streamed as they arrive ([`BlobStream`]).
+//!
 //! Requests are anonymous until the registry answers 401 with a Bearer challenge; then a
 //! token for the repository (pull and push) is asked of the realm it names, and kept. Plain
 //! http is used for a registry on the loopback interface, https elsewhere.
 
+use std::io::{self, Read};
 use std::sync::RwLock;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use phoenixfs_format::{ChunkEntry, Digest, ImageId};
-use reqwest::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use tokio::runtime::Runtime;
 
@@ -39,6 +43,7 @@ impl OciStore {
         let scheme = if is_loopback(host) { "http" } else { "https" };
         let client = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
+            .read_timeout(REQUEST_TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
             .build()
             .map_err(|e| StoreError::BadUrl { url: url.to_string(), detail: e.to_string() })?;
@@ -175,11 +180,71 @@ impl OciStore {
         })
     }
 
+    /// The manifest (or index) `reference` (a tag, or `sha256:HEX`) names: its bytes and the
+    /// media type the registry gave it.
+    pub fn get_manifest(&self, reference: &str) -> Result<(Vec<u8>, Option<String>), StoreError> {
+        let url = format!("{}/manifests/{reference}", self.api);
+        self.runtime.block_on(async {
+            let response = self.send(|| self.client.get(&url).header(ACCEPT, MANIFEST_TYPES)).await?;
+            if !response.status().is_success() {
+                return Err(self.status_error(response.status(), "manifest", reference.to_string()));
+            }
+            let media_type = response.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
+            let body = response.bytes().await.map_err(|e| self.request_error(&e))?;
+            Ok((body.to_vec(), media_type))
+        })
+    }
+
+    /// A small blob (an image config) whole; not verified here.
+    pub fn get_small_blob(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
+        self.get_blob(digest, "blob")
+    }
+
+    /// Blob `digest` as a stream of its bytes as they arrive (a layer, read once); not
+    /// verified here. Only a stalled transfer times out, not a long one.
+    pub fn open_blob(&self, digest: &Digest) -> Result<BlobStream, StoreError> {
+        let url = self.blob_url(digest);
+        let response = self.runtime.block_on(self.send(|| self.client.get(&url).timeout(WHOLE_BLOB_TIMEOUT)))?;
+        if !response.status().is_success() {
+            return Err(self.status_error(response.status(), "blob", digest.to_hex()));
+        }
+        Ok(BlobStream { response, runtime: self.runtime, pending: Default::default() })
+    }
+
     fn stored_digest(&self, chunk: &ChunkEntry) -> Result<Digest, StoreError> {
         chunk.stored_digest.ok_or_else(|| StoreError::Denied {
             store: self.url.clone(),
             detail: format!("chunk {} comes from a version 1 chunk table, without the digest an OCI registry names it by; build the image again", chunk.digest),
         })
+    }
+}
+
+/// The manifest media types `convert` understands, OCI's and Docker's, images and indexes.
+const MANIFEST_TYPES: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
+    application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+/// A layer of any size streams for as long as bytes keep coming (the client's read timeout
+/// catches a stall).
+const WHOLE_BLOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// A blob's bytes as the registry sends them.
+pub struct BlobStream {
+    response: Response,
+    runtime: &'static Runtime,
+    pending: bytes::Bytes,
+}
+
+impl Read for BlobStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pending.is_empty() {
+            match self.runtime.block_on(self.response.chunk()) {
+                Ok(Some(bytes)) => self.pending = bytes,
+                Ok(None) => return Ok(0),
+                Err(e) => return Err(io::Error::other(e)),
+            }
+        }
+        let n = buf.len().min(self.pending.len());
+        buf[..n].copy_from_slice(&self.pending.split_to(n));
+        Ok(n)
     }
 }
 

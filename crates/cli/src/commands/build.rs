@@ -4,7 +4,8 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use phoenixfs_builder::{build, build_from_tar, BuildOptions};
+use phoenixfs_builder::oci::{self, OciSource};
+use phoenixfs_builder::{build, build_from_tar, BuildOptions, Built};
 use phoenixfs_format::chunk::{MAX_CHUNK_BITS, MIN_CHUNK_BITS};
 use phoenixfs_store::StoreUrl;
 
@@ -21,11 +22,26 @@ pub fn run(src: &Path, store: &StoreUrl, output: &Path, chunk_bits: u8, zstd_lev
         let file = fs::File::open(src).with_context(|| format!("cannot read {}", src.display()))?;
         build_from_tar(file, &src.display().to_string(), store.as_ref(), &options)?
     };
+    report(&built, output, "built")
+}
+
+/// `phoenixfs convert`: a container image from a registry or a layout directory.
+pub fn convert(source: &str, store: &StoreUrl, output: &Path, chunk_bits: u8, zstd_level: i32) -> Result<ExitCode> {
+    let source = OciSource::parse(source).map_err(anyhow::Error::msg)?;
+    let store = args::create_store(store)?;
+    let options = BuildOptions { chunk_bits, zstd_level, progress: std::io::stderr().is_terminal() };
+    let converted = oci::convert(&source, store.as_ref(), &options)?;
+    eprintln!("converted {source}: manifest {}, {} layers", converted.manifest_digest, converted.layers);
+    report(&converted.built, output, "built")
+}
+
+/// Writes the image file, prints its id on stdout and what it holds on stderr.
+fn report(built: &Built, output: &Path, verb: &str) -> Result<ExitCode> {
     write_atomically(output, &built.image_file)?;
     let s = &built.stats;
     println!("{}", built.id);
     eprintln!(
-        "built {}: {} inodes ({} files, {} directories), {} bytes, {} chunks ({} new, {} bytes stored)",
+        "{verb} {}: {} inodes ({} files, {} directories), {} bytes, {} chunks ({} new, {} bytes stored)",
         output.display(),
         s.inodes,
         s.regular_files,
