@@ -593,6 +593,78 @@ mod acl {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use phoenixfs_format::ImageFile;
+    use phoenixfs_store::MemoryStore;
+
+    /// A ustar archive of (path, type flag, data) entries.
+    fn ustar(entries: &[(&str, u8, &[u8])]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (path, kind, data) in entries {
+            let mut header = [0u8; 512];
+            header[..path.len()].copy_from_slice(path.as_bytes());
+            let octal = |header: &mut [u8; 512], at: usize, width: usize, value: u64| {
+                header[at..at + width - 1].copy_from_slice(format!("{value:0w$o}", w = width - 1).as_bytes());
+            };
+            octal(&mut header, 100, 8, if *kind == b'5' { 0o755 } else { 0o644 });
+            octal(&mut header, 108, 8, 0);
+            octal(&mut header, 116, 8, 0);
+            octal(&mut header, 124, 12, data.len() as u64);
+            octal(&mut header, 136, 12, 1_700_000_000);
+            header[156] = *kind;
+            header[257..263].copy_from_slice(b"ustar\0");
+            header[263..265].copy_from_slice(b"00");
+            header[148..156].fill(b' ');
+            let sum: u64 = header.iter().map(|&b| u64::from(b)).sum();
+            octal(&mut header, 148, 7, sum);
+            out.extend_from_slice(&header);
+            out.extend_from_slice(data);
+            out.resize(out.len().next_multiple_of(512), 0);
+        }
+        out.resize(out.len() + 1024, 0);
+        out
+    }
+
+    fn layers(whiteouts: Whiteouts, streams: Vec<Vec<u8>>) -> ImageFile {
+        let store = MemoryStore::new();
+        let layers = streams.into_iter().enumerate().map(|(i, bytes)| Ok(Layer { name: format!("layer {i}"), stream: Box::new(io::Cursor::new(bytes)) }));
+        let built = build_from_layers(layers, whiteouts, &[], &store, &BuildOptions::default()).unwrap();
+        ImageFile::decode(built.image_file).unwrap()
+    }
+
+    #[test]
+    fn whiteouts_delete_from_the_layers_below_and_opaque_directories_hide_them() {
+        let lower = ustar(&[
+            ("a/", b'5', b""),
+            ("a/x", b'0', b"x"),
+            ("a/sub/y", b'0', b"y"),
+            ("b/z", b'0', b"z"),
+            ("b/keep", b'0', b"keep"),
+            ("c", b'0', b"c"),
+            ("d/", b'5', b""),
+        ]);
+        // The opaque marker after entries of its own layer, and below a directory listed again.
+        let upper = ustar(&[
+            ("a/sub/", b'5', b""),
+            ("a/new", b'0', b"new"),
+            ("a/.wh..wh..opq", b'0', b""),
+            ("b/.wh.z", b'0', b""),
+            (".wh.c", b'0', b""),
+            ("d/.wh..wh..plnk", b'0', b""),
+            ("e/.wh.nothing", b'0', b""),
+        ]);
+        let image = layers(Whiteouts::Applied, vec![lower.clone(), upper.clone()]);
+        let present = |path: &str| image.bootstrap.resolve(path.as_bytes()).unwrap().is_some();
+        for path in ["a", "a/new", "a/sub", "b", "b/keep", "d"] {
+            assert!(present(path), "{path} is gone");
+        }
+        for path in ["a/x", "a/sub/y", "b/z", "c", "d/.wh..wh..plnk", "e", "b/.wh.z"] {
+            assert!(!present(path), "{path} is there");
+        }
+        let kept = layers(Whiteouts::Kept, vec![lower, upper]);
+        for path in ["a/x", "a/sub/y", "a/.wh..wh..opq", "b/z", "b/.wh.z", ".wh.c", "c"] {
+            assert!(kept.bootstrap.resolve(path.as_bytes()).unwrap().is_some(), "a plain tar keeps {path}");
+        }
+    }
 
     #[test]
     fn paths_stay_inside_the_tree() {
