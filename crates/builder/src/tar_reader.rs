@@ -136,7 +136,7 @@ impl<R: Read> TarReader<R> {
             mode: number(&block[100..108], "mode")? as u32,
             uid: number(&block[108..116], "uid")?,
             gid: number(&block[116..124], "gid")?,
-            mtime: (number(&block[136..148], "mtime")? as i64, 0),
+            mtime: (signed_number(&block[136..148], "mtime")?, 0),
             size,
             major: number(&block[329..337], "devmajor").unwrap_or(0) as u32,
             minor: number(&block[337..345], "devminor").unwrap_or(0) as u32,
@@ -352,18 +352,23 @@ fn check_sum(block: &[u8; BLOCK]) -> Result<(), TarError> {
 
 /// An octal field (NULs and spaces around it), or a base-256 one (high bit of the first byte).
 fn number(field: &[u8], name: &'static str) -> Result<u64, TarError> {
+    u64::try_from(signed_number(field, name)?).map_err(|_| TarError::Field { field: name })
+}
+
+/// An octal field, or base-256 (the first byte's top bit set) in two's complement: libarchive
+/// writes a time before 1970 so (over the field's terminator too; the PAX `mtime` then gives
+/// the real one).
+fn signed_number(field: &[u8], name: &'static str) -> Result<i64, TarError> {
     let bad = TarError::Field { field: name };
-    if field.first().is_some_and(|&b| b & 0x80 != 0) {
-        if field[0] & 0x40 != 0 {
-            return Err(bad);
-        }
-        return field[1..].iter().try_fold(u64::from(field[0] & 0x3f), |n, &b| n.checked_mul(256).map(|n| n | u64::from(b))).ok_or(bad);
+    if let Some((&first, rest)) = field.split_first().filter(|(&b, _)| b & 0x80 != 0) {
+        let top = i64::from(first & 0x7f) - if first & 0x40 != 0 { 0x80 } else { 0 };
+        return rest.iter().try_fold(top, |n, &b| n.checked_mul(256).and_then(|n| n.checked_add(i64::from(b)))).ok_or(bad);
     }
     let text: Vec<u8> = field.iter().copied().skip_while(|&b| b == b' ').take_while(|&b| b != 0 && b != b' ').collect();
     if text.is_empty() {
         return Ok(0);
     }
-    std::str::from_utf8(&text).ok().and_then(|t| u64::from_str_radix(t, 8).ok()).ok_or(bad)
+    std::str::from_utf8(&text).ok().and_then(|t| i64::from_str_radix(t, 8).ok()).filter(|n| *n >= 0).ok_or(bad)
 }
 
 /// PAX records: `LENGTH KEY=VALUE\n`, each cut by its length (values may hold new lines).
@@ -439,6 +444,11 @@ mod tests {
         assert_eq!(number(b"  17 \0\0\0", "x").unwrap(), 0o17);
         assert_eq!(number(&[0x80, 0, 0, 0, 0, 0, 0x01, 0x00], "size").unwrap(), 256);
         assert!(number(b"9\0", "x").is_err());
+        assert_eq!(signed_number(&[0xff; 8], "mtime").unwrap(), -1);
+        assert_eq!(signed_number(&[0xff, 0xff, 0xfe, 0x00], "mtime").unwrap(), -512);
+        assert_eq!(signed_number(&[[0xff; 11].as_slice(), b" "].concat(), "mtime").unwrap(), -224);
+        assert!(number(&[0xff; 8], "uid").is_err());
+        assert!(number(&[0x80, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff], "size").is_err());
     }
 
     proptest! {

@@ -241,14 +241,18 @@ impl StreamTree {
                 return Ok(());
             }
         }
+        let (xattrs, acl_mode) = xattrs(&entry.pax)?;
+        let mut mode = (entry.mode & 0o7777) as u16;
+        if let Some(bits) = acl_mode {
+            mode = mode & !0o777 | bits;
+        }
         let attr = Attr {
-            mode: (entry.mode & 0o7777) as u16,
+            mode,
             uid: u32::try_from(entry.uid).map_err(|_| "uid beyond 32 bits")?,
             gid: u32::try_from(entry.gid).map_err(|_| "gid beyond 32 bits")?,
             mtime: entry.mtime.0,
             mtime_nsec: entry.mtime.1,
         };
-        let xattrs = xattrs(&entry.pax)?;
         let node = match entry.kind {
             b'5' => {
                 if let Some(existing) = self.lookup(&names).filter(|&n| matches!(self.nodes[n].kind, StreamKind::Dir(_))) {
@@ -457,9 +461,12 @@ fn components(path: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     Ok(names)
 }
 
-/// The xattrs of an entry's PAX records, ACLs among them, sorted by name.
-fn xattrs(pax: &[(String, Vec<u8>)]) -> Result<Vec<Xattr>, String> {
+/// The xattrs of an entry's PAX records, ACLs among them, sorted by name; and the permission
+/// bits its access ACL gives, if it has one (setting an ACL sets them: an archive's mode may
+/// hold the owning group's bits where the kernel shows the mask's).
+fn xattrs(pax: &[(String, Vec<u8>)]) -> Result<(Vec<Xattr>, Option<u16>), String> {
     let mut out: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    let mut acl_mode = None;
     for (key, value) in pax {
         if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
             if split_xattr_name(name.as_bytes()).is_none() {
@@ -474,6 +481,9 @@ fn xattrs(pax: &[(String, Vec<u8>)]) -> Result<Vec<Xattr>, String> {
         };
         let text = std::str::from_utf8(value).map_err(|_| format!("{key} is not text"))?;
         let binary = acl::from_text(text).map_err(|e| format!("{key}: {e}"))?;
+        if key == "SCHILY.acl.access" && !acl::is_empty(&binary) {
+            acl_mode = Some(acl::mode_bits(&binary));
+        }
         // An access ACL of the three base entries only is the mode itself: the kernel keeps
         // no xattr for it, so neither does the image.
         match acl::is_empty(&binary) || (key == "SCHILY.acl.access" && acl::is_minimal(&binary)) {
@@ -481,7 +491,7 @@ fn xattrs(pax: &[(String, Vec<u8>)]) -> Result<Vec<Xattr>, String> {
             false => out.insert(acl.as_bytes().to_vec(), binary),
         };
     }
-    Ok(out.into_iter().map(|(name, value)| Xattr { name, value }).collect())
+    Ok((out.into_iter().map(|(name, value)| Xattr { name, value }).collect(), acl_mode))
 }
 
 /// POSIX ACLs from their text form to the binary form the kernel keeps in
@@ -528,6 +538,23 @@ mod acl {
             out.extend_from_slice(&id.to_le_bytes());
         }
         Ok(out)
+    }
+
+    /// The permission bits an access ACL stands for: the owner's, the mask's (else the
+    /// owning group's) and the others'.
+    pub fn mode_bits(binary: &[u8]) -> u16 {
+        let (mut user, mut group, mut mask, mut other) = (0, 0, None, 0);
+        for entry in binary[4..].chunks_exact(8) {
+            let perm = u16::from_le_bytes([entry[2], entry[3]]) & 7;
+            match u16::from_le_bytes([entry[0], entry[1]]) {
+                USER_OBJ => user = perm,
+                GROUP_OBJ => group = perm,
+                MASK => mask = Some(perm),
+                OTHER => other = perm,
+                _ => {}
+            }
+        }
+        user << 6 | mask.unwrap_or(group) << 3 | other
     }
 
     /// Whether a binary ACL has no entries.
@@ -583,6 +610,8 @@ mod acl {
             assert_eq!(from_text("u::rw-\ng:root:r--:0\no::r--\n").unwrap().len(), 4 + 3 * 8);
             assert!(!is_minimal(&binary));
             assert!(is_minimal(&from_text("user::rwx,group::r-x,other::r-x").unwrap()));
+            assert_eq!(mode_bits(&binary), 0o650, "the mask's bits, not the owning group's");
+            assert_eq!(mode_bits(&from_text("user::rwx,group::r-x,other::r--").unwrap()), 0o754);
             assert!(is_empty(&from_text("").unwrap()));
             assert!(from_text("user::rwz").is_err());
             assert!(from_text("nobody::r--").is_err());
