@@ -302,3 +302,22 @@ fn the_cache_keeps_its_size_limit_while_workers_are_killed() {
     let held = held();
     assert!(held <= limit, "after 32 worker kills the cache holds {held} bytes, over its {limit}-byte limit");
 }
+
+/// A name the image lacks is answered once: the kernel keeps the answer (a negative entry),
+/// so probing it again, as an interpreter searching its path does, asks the daemon nothing.
+#[test]
+fn a_missing_name_is_looked_up_once() {
+    let root = fixture_dir("mount-negative-entries");
+    let (_, store, image) = tree(&root, 1, 10);
+    let mount = PhoenixMount::new(&image, &store, &root.join("cache"), &[]);
+    let missing = mount.path().join("sub/no-such-module.py");
+    let requests = || mount.status()["requests"].as_u64().unwrap();
+    fs::metadata(mount.path().join("sub")).unwrap();
+    let before = requests();
+    for _ in 0..5 {
+        assert_eq!(fs::metadata(&missing).unwrap_err().kind(), std::io::ErrorKind::NotFound);
+        assert_eq!(File::open(&missing).unwrap_err().kind(), std::io::ErrorKind::NotFound);
+    }
+    assert_eq!(requests() - before, 1, "one LOOKUP for ten probes of a missing name");
+    assert_eq!(fs::read(mount.path().join("sub/small")).unwrap(), b"small file", "names beside it are still found");
+}

@@ -58,6 +58,11 @@ pub fn entry_out(attr: &Attr) -> abi::fuse_entry_out {
     }
 }
 
+/// "No such name", to be remembered as long as the kernel likes (node id 0).
+pub fn negative_entry_out() -> abi::fuse_entry_out {
+    abi::fuse_entry_out { nodeid: 0, entry_valid: FOREVER_SECS, ..Default::default() }
+}
+
 pub fn attr_out(attr: &Attr) -> Vec<u8> {
     abi::fuse_attr_out { attr_valid: FOREVER_SECS, attr_valid_nsec: 0, dummy: 0, attr: fuse_attr(attr) }.as_bytes().to_vec()
 }

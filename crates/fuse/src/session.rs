@@ -420,7 +420,14 @@ fn dispatch(session: &Session, fs: &dyn Filesystem, request: Request<'_>) {
     match request.op {
         Operation::Init(_) => reply.error(Errno::EPROTO),
         Operation::Destroy | Operation::Release | Operation::Releasedir | Operation::Sync => reply.ok(&[]),
-        Operation::Lookup { name } => reply.result(fs.lookup(node, name).map(|e| reply::entry_out(&e.attr).as_bytes().to_vec())),
+        Operation::Lookup { name } => reply.result(match fs.lookup(node, name) {
+            Ok(entry) => Ok(reply::entry_out(&entry.attr).as_bytes().to_vec()),
+            // The image never changes, so a name it lacks stays absent: a negative entry the
+            // kernel keeps (as it keeps the others) spares the daemon every later probe of it,
+            // such as an interpreter's search along its module path.
+            Err(Errno::ENOENT) => Ok(reply::negative_entry_out().as_bytes().to_vec()),
+            Err(errno) => Err(errno),
+        }),
         Operation::Getattr => reply.result(fs.getattr(node).map(|a| reply::attr_out(&a))),
         Operation::Statx => reply.result(fs.getattr(node).map(|a| reply::statx_out(&a))),
         Operation::Readlink => reply.result(fs.readlink(node)),
