@@ -10,11 +10,13 @@
 //! Must never: know about chunks, stores or images; keep per-open or per-lookup state that a
 //! new process could not rebuild; answer a request twice or not at all (see [`reply::Reply`]).
 
+mod counts;
 mod fs;
 pub mod reply;
 pub mod request;
 pub mod session;
 
+pub use counts::OpcodeTotals;
 pub use fs::{Attr, DirEntryOut, Entry, Filesystem, Piece, StatFs};
 pub use session::{mount, Ended, MountOptions, Session, SessionParams};
 
