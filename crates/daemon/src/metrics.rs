@@ -130,7 +130,7 @@ fn add_mount(out: &mut Exposition, s: &Status) {
 
     out.counter("phoenixfs_worker_restarts_total", "Workers started after a predecessor died (kept by the holder).", &mount, s.worker_restarts);
     out.counter("phoenixfs_upgrades_total", "Workers started by phoenixfs upgrade (kept by the holder).", &mount, s.upgrades);
-    if let Some(stalls) = &s.takeover_stalls {
+    if let Some(stalls) = &s.takeover_stall_histogram {
         out.histogram("phoenixfs_takeover_stall_seconds", "From a worker's death to its successor's first answer.", &mount, stalls);
     }
     out.gauge("phoenixfs_worker_start_seconds", "The serving worker's start-up, from its launch to serving.", &mount, s.worker_start_ms / 1000.0);

@@ -100,7 +100,7 @@ pub struct Status {
     pub fetch_durations: Option<DurationHistogram>,
     /// Every measured takeover stall of the mount, in buckets.
     #[serde(default)]
-    pub takeover_stalls: Option<DurationHistogram>,
+    pub takeover_stall_histogram: Option<DurationHistogram>,
 }
 
 /// The socket of the mount at `mountpoint` (an absolute, canonical path).

@@ -333,7 +333,7 @@ fn serve_status(session: &Arc<Session>, fs: &Arc<ImageFs>, link: &Arc<HolderLink
                 counts: cache.stats.fetch_durations.counts(),
                 sum_us: cache.stats.fetch_durations.sum_us(),
             }),
-            takeover_stalls: Some(state.stall_histogram),
+            takeover_stall_histogram: Some(state.stall_histogram),
         }
     })
     .map(drop)

@@ -41,7 +41,10 @@ fn answer(stream: TcpStream) -> std::io::Result<()> {
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     let mut reader = BufReader::new(&stream);
     let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
+    if reader.read_line(&mut request_line)? == 0 {
+        // Closed without a request: a probe that the port is open.
+        return Ok(());
+    }
     // The headers are not needed, but a client may wait until they are read.
     let mut header = String::new();
     while reader.read_line(&mut header)? > 2 {
