@@ -97,7 +97,7 @@ fn add_mount(out: &mut Exposition, s: &Status) {
         out.counter("phoenixfs_fuse_requests_total", "FUSE requests the worker read, by opcode.", &labelled(&mount, "opcode", opcode), *n);
     }
     for (opcode, n) in &s.errors_by_opcode {
-        out.counter("phoenixfs_fuse_request_errors_total", "FUSE requests answered with an errno (ENOENT included), by opcode.", &labelled(&mount, "opcode", opcode), *n);
+        out.counter("phoenixfs_fuse_request_errors_total", "FUSE requests answered with an errno (expected ones such as ENOENT and ENOSYS included), by opcode.", &labelled(&mount, "opcode", opcode), *n);
     }
     out.counter("phoenixfs_fuse_read_bytes_total", "Bytes of file data answered to READ requests.", &mount, s.bytes_served);
     out.counter("phoenixfs_fuse_io_errors_total", "Requests failed with EIO because a chunk could not be read or the image is corrupt.", &mount, s.errors);

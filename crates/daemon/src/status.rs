@@ -81,7 +81,7 @@ pub struct Status {
     pub shared_memory_bytes: u64,
     pub shared_memory_hits: u64,
     pub shared_memory_discarded: u64,
-    /// Requests this worker read, and those it answered with an errno (ENOENT included), by
+    /// Requests this worker read, and those it answered with an errno (ENOENT, ENOSYS included), by
     /// FUSE opcode ("read", "lookup", ...).
     #[serde(default)]
     pub requests_by_opcode: std::collections::BTreeMap<String, u64>,
