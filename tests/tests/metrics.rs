@@ -131,7 +131,7 @@ fn prometheus_scrapes_a_mount_under_load_and_reads_the_figures_back() {
     let at_least = |query: String, floor: f64| {
         eventually(SCRAPED, &format!("Prometheus shows {query} >= {floor}"), || prometheus.value(&query).filter(|&v| v >= floor))
     };
-    at_least(mine("phoenixfs_fuse_read_bytes_total"), read_bytes);
+    let served = at_least(mine("phoenixfs_fuse_read_bytes_total"), read_bytes);
     at_least(mine("phoenixfs_worker_restarts_total"), KILLS as f64);
     at_least(mine("phoenixfs_takeover_stall_seconds_count"), 1.0);
     at_least(format!("phoenixfs_fuse_requests_total{{mountpoint=\"{mountpoint}\",opcode=\"read\"}}"), 1.0);
@@ -150,7 +150,7 @@ fn prometheus_scrapes_a_mount_under_load_and_reads_the_figures_back() {
     assert!(head.contains("Content-Type: text/plain; version=0.0.4"), "{head}");
     assert!(body.contains("# TYPE phoenixfs_store_fetch_duration_seconds histogram"), "{body}");
     eprintln!(
-        "metrics: Prometheus read back {read_bytes} bytes read by the last worker, {fetches} fetches timed, {stalls} takeover stalls, {} restarts",
+        "metrics: Prometheus read back {served} bytes served by the last worker (the test read {read_bytes} after the last kill), {fetches} fetches timed, {stalls} takeover stalls, {} restarts",
         prometheus.value(&mine("phoenixfs_worker_restarts_total")).unwrap()
     );
 }
