@@ -13,6 +13,7 @@ pub mod fscache;
 pub mod kernel;
 pub mod mount;
 pub mod probe;
+pub mod prometheus;
 pub mod servers;
 pub mod snapshot;
 pub mod trees;

@@ -33,7 +33,8 @@ pub struct Server {
 }
 
 impl Server {
-    fn new(name: &str, program: &Path, args: Vec<OsString>, port: u16, dir: &Path) -> Self {
+    /// `program` with `args`, expected to listen on `port`, logging to `dir/<name>.log`.
+    pub fn new(name: &str, program: &Path, args: Vec<OsString>, port: u16, dir: &Path) -> Self {
         Server { name: name.into(), program: program.into(), args, port, log: dir.join(format!("{name}.log")), child: None }
     }
 

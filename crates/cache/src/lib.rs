@@ -27,6 +27,7 @@
 //! Must never: serve bytes that did not match their digest, hold a lock while fetching, or
 //! know about FUSE, images or paths inside images.
 
+mod histogram;
 pub mod shared;
 
 use std::collections::{BTreeMap, HashMap};
@@ -43,6 +44,7 @@ use phoenixfs_store::ChunkStore;
 use thiserror::Error;
 use tracing::{debug, error, warn};
 
+pub use crate::histogram::{LatencyHistogram, FETCH_BOUNDS_US};
 pub use crate::shared::{process_alive, SharedChunks};
 
 /// Tries before a chunk the store says it does not have is given up on (a store being
@@ -91,6 +93,8 @@ pub struct CacheStats {
     pub fetch_retries: AtomicU64,
     /// Failed fetches by kind ([`phoenixfs_store::StoreError::kind`], or "corrupt" for bad bytes).
     pub fetch_errors: Mutex<BTreeMap<&'static str, u64>>,
+    /// How long the successful fetches took, retries included (one per `fetches`).
+    pub fetch_durations: LatencyHistogram,
 }
 
 /// The fetches from the store under way now.
@@ -403,6 +407,7 @@ impl ChunkCache {
                 Ok(stored) => match decode_chunk_owned(entry, stored) {
                     Ok(data) => {
                         self.stats.fetches.fetch_add(1, Ordering::Relaxed);
+                        self.stats.fetch_durations.observe(started.elapsed());
                         self.stats.fetched_bytes.fetch_add(u64::from(entry.stored_length), Ordering::Relaxed);
                         debug!(chunk = %digest, bytes = entry.stored_length, attempt, took_us = started.elapsed().as_micros() as u64, "fetched");
                         return Ok(data);

@@ -185,6 +185,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve every mount's metrics to Prometheus at http://ADDR/metrics (text exposition
+    /// format), read from the mounts' status sockets at each scrape.
+    Exporter {
+        /// The address to listen on, e.g. 127.0.0.1:9420.
+        #[arg(long, default_value = "127.0.0.1:9420")]
+        listen: std::net::SocketAddr,
+        /// Print the metrics once to stdout and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// Write an image's data blob, uncompressed, to a file (for the kernel's own EROFS:
     /// `mount -t erofs -o device=BLOB IMAGE DIR`).
     Blob {
@@ -266,6 +276,7 @@ fn main() -> ExitCode {
         Command::FscacheWorker => phoenixfs_daemon::fscache::run_fscache_worker().map(|()| ExitCode::SUCCESS).map_err(Into::into),
         Command::FscacheHolder => phoenixfs_daemon::fscache::run_adopting_fscache_holder().map(|()| ExitCode::SUCCESS).map_err(Into::into),
         Command::Status { mountpoint, json } => commands::status::run(mountpoint.as_deref(), json),
+        Command::Exporter { listen, once } => commands::exporter::run(listen, once),
     };
     match result {
         Ok(code) => code,

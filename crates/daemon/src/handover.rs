@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+use crate::histogram::DurationHistogram;
 use crate::spec::MountSpec;
 
 const MAGIC: &[u8; 8] = b"PHXSTATE";
@@ -46,20 +47,31 @@ pub struct State {
     pub stalls_us: Vec<u64>,
     /// Takeovers whose stall was measured, in all.
     pub takeovers_measured: u64,
+    /// Every measured stall, in buckets (a state from an older holder has none).
+    #[serde(default = "DurationHistogram::takeover_stalls")]
+    pub stall_histogram: DurationHistogram,
 }
 
 impl State {
     /// What the holder tells a worker that started before it knew it: counts and stalls.
     pub fn history(&self) -> History {
-        History { restarts: self.restarts, upgrades: self.upgrades, stalls_us: self.stalls_us.clone(), takeovers_measured: self.takeovers_measured }
+        History {
+            restarts: self.restarts,
+            upgrades: self.upgrades,
+            stalls_us: self.stalls_us.clone(),
+            takeovers_measured: self.takeovers_measured,
+            stall_histogram: self.stall_histogram.clone(),
+        }
     }
 
     pub fn apply(&mut self, history: History) {
-        (self.restarts, self.upgrades, self.stalls_us, self.takeovers_measured) = (history.restarts, history.upgrades, history.stalls_us, history.takeovers_measured);
+        (self.restarts, self.upgrades, self.stalls_us, self.takeovers_measured, self.stall_histogram) =
+            (history.restarts, history.upgrades, history.stalls_us, history.takeovers_measured, history.stall_histogram);
     }
 
     pub fn record_stall(&mut self, stall_us: u64) {
         self.takeovers_measured += 1;
+        self.stall_histogram.observe(stall_us);
         self.stalls_us.push(stall_us);
         let excess = self.stalls_us.len().saturating_sub(STALLS_KEPT);
         self.stalls_us.drain(..excess);
@@ -87,6 +99,8 @@ pub struct History {
     pub upgrades: u64,
     pub stalls_us: Vec<u64>,
     pub takeovers_measured: u64,
+    #[serde(default = "DurationHistogram::takeover_stalls")]
+    pub stall_histogram: DurationHistogram,
 }
 
 /// What holder and worker tell each other after the hand-over.
@@ -299,6 +313,7 @@ mod tests {
             takeover: Takeover::AfterDeath { died_at_ns: 7 },
             stalls_us: vec![1500, 900],
             takeovers_measured: 2,
+            stall_histogram: DurationHistogram::takeover_stalls(),
         }
     }
 
@@ -321,7 +336,7 @@ mod tests {
     fn messages_cross_the_socket_and_garbage_or_a_closed_peer_is_told_apart() {
         use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
         let (a, b) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap();
-        let history = History { restarts: 1, upgrades: 2, stalls_us: vec![3], takeovers_measured: 4 };
+        let history = History { restarts: 1, upgrades: 2, stalls_us: vec![3], takeovers_measured: 4, stall_histogram: DurationHistogram::takeover_stalls() };
         for message in [Message::Ready { pid: 7 }, Message::Failed("why".into()), Message::FirstReply { at_ns: 1 << 40 }, Message::Retire, Message::Retired, Message::Resend, Message::Unmounted, Message::History(history.clone()), Message::Go { died_at_ns: 9, history }] {
             send_message(a.as_fd(), &message).unwrap();
             assert_eq!(receive_message(b.as_fd()).unwrap(), Some(message));
@@ -360,5 +375,6 @@ mod tests {
             state.record_stall(stall);
         }
         assert_eq!(state.stalls_us, (24..40).collect::<Vec<_>>());
+        assert_eq!(state.stall_histogram.count(), 40);
     }
 }

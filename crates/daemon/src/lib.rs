@@ -2,7 +2,7 @@
 //!
 //! Owns: [`ImageFs`], the read-only file system over one image (nodeids and attributes come
 //! from the image alone: nodeid = EROFS nid + 2, root = 1); readahead and prefetch; the status
-//! socket; and the mount lifecycle: checks, mount, backgrounding, the holder that keeps the
+//! socket and its Prometheus exposition ([`metrics`]); and the mount lifecycle: checks, mount, backgrounding, the holder that keeps the
 //! session (FUSE fd, verified image, shared chunk memory, negotiated parameters) and restarts
 //! or upgrades the worker, the worker that takes over (with FUSE_NOTIFY_RESEND after a death)
 //! and serves and replaces a dead holder, unmount. The binary must offer hidden `worker` and
@@ -14,7 +14,8 @@
 //! cache or the store (and a panic anyway ends the worker, which is then replaced).
 //!
 //! Modules depend one way: `mount` → `holder` → `handover` → `spec`; `worker` → `holder`'s
-//! launcher; `os`, `error`, `mounttable` and `status` are leaves.
+//! launcher; `metrics` reads `status` and `mounttable`; `os`, `error`, `histogram`, `mounttable` and `status`
+//! are leaves.
 
 mod error;
 #[cfg(feature = "failpoints")]
@@ -22,8 +23,10 @@ mod failpoints;
 mod fs;
 pub mod fscache;
 mod handover;
+mod histogram;
 mod holder;
 mod image_memory;
+pub mod metrics;
 mod mount;
 mod mounttable;
 mod os;

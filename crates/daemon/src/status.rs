@@ -14,9 +14,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
+use crate::histogram::DurationHistogram;
+
 pub const RUN_DIR: &str = "/run/phoenixfs";
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Status {
     /// The worker serving requests.
     pub pid: u32,
@@ -79,6 +81,26 @@ pub struct Status {
     pub shared_memory_bytes: u64,
     pub shared_memory_hits: u64,
     pub shared_memory_discarded: u64,
+    /// Requests this worker read, and those it answered with an errno (ENOENT, ENOSYS included), by
+    /// FUSE opcode ("read", "lookup", ...).
+    #[serde(default)]
+    pub requests_by_opcode: std::collections::BTreeMap<String, u64>,
+    #[serde(default)]
+    pub errors_by_opcode: std::collections::BTreeMap<String, u64>,
+    /// `cache_hits` by where the chunk was found: this worker's memory, the cache directory.
+    #[serde(default)]
+    pub memory_hits: u64,
+    #[serde(default)]
+    pub disk_hits: u64,
+    /// Chunk files removed to keep the cache directory under its limit.
+    #[serde(default)]
+    pub evictions: u64,
+    /// How long this worker's fetches from the store took (an older daemon reports none).
+    #[serde(default)]
+    pub fetch_durations: Option<DurationHistogram>,
+    /// Every measured takeover stall of the mount, in buckets.
+    #[serde(default)]
+    pub takeover_stall_histogram: Option<DurationHistogram>,
 }
 
 /// The socket of the mount at `mountpoint` (an absolute, canonical path).
@@ -142,8 +164,15 @@ pub fn serve(mountpoint: &Path, status: impl Fn() -> Status + Send + 'static) ->
 
 /// Asks the daemon serving `mountpoint` for its status.
 pub fn query_status(mountpoint: &Path) -> io::Result<Status> {
-    let mut stream = UnixStream::connect(socket_path(mountpoint))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    query_status_at(&socket_path(mountpoint), Duration::from_secs(5))
+}
+
+/// Asks the daemon listening on `socket` for its status, waiting at most `timeout` for each
+/// read or write.
+pub fn query_status_at(socket: &Path, timeout: Duration) -> io::Result<Status> {
+    let mut stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
     stream.write_all(b"status\n")?;
     let mut body = String::new();
     io::Read::read_to_string(&mut stream, &mut body)?;

@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use crate::error::MountError;
 use crate::fs::ImageFs;
 use crate::handover::{self, History, Message, SessionFds, State, Takeover};
+use crate::histogram::DurationHistogram;
 use crate::holder::{start_with_handover, Role};
 use crate::image_memory;
 use crate::os::{die_on_panic, lowest_priority_for_this_thread, retry_until_done, monotonic_ns, rss_bytes, set_cloexec, spawn_thread};
@@ -281,6 +282,7 @@ fn serve_status(session: &Arc<Session>, fs: &Arc<ImageFs>, link: &Arc<HolderLink
         let (cache_chunks, cache_bytes) = cache.disk_usage();
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         let fetches = cache.fetches_in_flight();
+        let opcodes = session.opcode_totals();
         let store_errors = cache.stats.fetch_errors.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(kind, n)| (kind.to_string(), *n)).collect();
         Status {
             pid: std::process::id(),
@@ -321,6 +323,17 @@ fn serve_status(session: &Arc<Session>, fs: &Arc<ImageFs>, link: &Arc<HolderLink
             shared_memory_bytes: cache.shared().map_or(0, SharedChunks::capacity),
             shared_memory_hits: cache.shared().map_or(0, |s| load(&s.stats.hits)),
             shared_memory_discarded: cache.shared().map_or(0, |s| load(&s.stats.discarded)),
+            requests_by_opcode: opcodes.requests.iter().map(|(name, n)| (name.to_string(), *n)).collect(),
+            errors_by_opcode: opcodes.errors.iter().map(|(name, n)| (name.to_string(), *n)).collect(),
+            memory_hits: load(&cache.stats.memory_hits),
+            disk_hits: load(&cache.stats.disk_hits),
+            evictions: load(&cache.stats.evictions),
+            fetch_durations: Some(DurationHistogram {
+                bounds_us: cache.stats.fetch_durations.bounds_us().to_vec(),
+                counts: cache.stats.fetch_durations.counts(),
+                sum_us: cache.stats.fetch_durations.sum_us(),
+            }),
+            takeover_stall_histogram: Some(state.stall_histogram),
         }
     })
     .map(drop)

@@ -4,17 +4,20 @@
 //! [`reply`]: pure, no I/O), mounting with mount(2), the INIT handshake whose negotiated
 //! values ([`SessionParams`]) are the only session state, and the loop that serves requests
 //! from several threads on one fd, resumable by another process (with FUSE_NOTIFY_RESEND)
-//! and stoppable at a request boundary ([`session`]). The file system itself sits behind the small
+//! and stoppable at a request boundary ([`session`]), counting requests and error answers
+//! by opcode as it goes. The file system itself sits behind the small
 //! read-only [`Filesystem`] trait.
 //!
 //! Must never: know about chunks, stores or images; keep per-open or per-lookup state that a
 //! new process could not rebuild; answer a request twice or not at all (see [`reply::Reply`]).
 
+mod counts;
 mod fs;
 pub mod reply;
 pub mod request;
 pub mod session;
 
+pub use counts::OpcodeTotals;
 pub use fs::{Attr, DirEntryOut, Entry, Filesystem, Piece, StatFs};
 pub use session::{mount, Ended, MountOptions, Session, SessionParams};
 

@@ -35,6 +35,56 @@ pub mod opcode {
     /// RMDIR, RENAME, LINK, WRITE, SETXATTR, REMOVEXATTR, CREATE, FALLOCATE, RENAME2,
     /// COPY_FILE_RANGE, TMPFILE.
     pub const WRITES: &[u32] = &[4, 6, 8, 9, 10, 11, 12, 13, 16, 21, 24, 35, 43, 45, 47, 51];
+
+    /// The opcode's name in lower case as the kernel's `FUSE_*` constants spell it, for
+    /// metrics; "other" for opcodes this session never expects.
+    pub fn name(opcode: u32) -> &'static str {
+        match opcode {
+            LOOKUP => "lookup",
+            FORGET => "forget",
+            GETATTR => "getattr",
+            4 => "setattr",
+            READLINK => "readlink",
+            6 => "symlink",
+            8 => "mknod",
+            9 => "mkdir",
+            10 => "unlink",
+            11 => "rmdir",
+            12 => "rename",
+            13 => "link",
+            OPEN => "open",
+            READ => "read",
+            16 => "write",
+            STATFS => "statfs",
+            RELEASE => "release",
+            FSYNC => "fsync",
+            21 => "setxattr",
+            GETXATTR => "getxattr",
+            LISTXATTR => "listxattr",
+            24 => "removexattr",
+            FLUSH => "flush",
+            INIT => "init",
+            OPENDIR => "opendir",
+            READDIR => "readdir",
+            RELEASEDIR => "releasedir",
+            FSYNCDIR => "fsyncdir",
+            ACCESS => "access",
+            35 => "create",
+            INTERRUPT => "interrupt",
+            DESTROY => "destroy",
+            NOTIFY_REPLY => "notify_reply",
+            BATCH_FORGET => "batch_forget",
+            43 => "fallocate",
+            READDIRPLUS => "readdirplus",
+            45 => "rename2",
+            LSEEK => "lseek",
+            47 => "copy_file_range",
+            SYNCFS => "syncfs",
+            51 => "tmpfile",
+            STATX => "statx",
+            _ => "other",
+        }
+    }
 }
 
 pub const IN_HEADER_SIZE: usize = std::mem::size_of::<abi::fuse_in_header>();
@@ -42,6 +92,8 @@ pub const IN_HEADER_SIZE: usize = std::mem::size_of::<abi::fuse_in_header>();
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request<'a> {
     pub unique: u64,
+    /// The raw opcode, for counting; `op` is what to do.
+    pub opcode: u32,
     pub nodeid: u64,
     pub uid: u32,
     pub gid: u32,
@@ -172,7 +224,7 @@ pub fn parse(buf: &[u8]) -> Result<Request<'_>, ParseError> {
         op if opcode::WRITES.contains(&op) => Operation::Write { opcode: op },
         op => Operation::Unknown { opcode: op },
     };
-    Ok(Request { unique, nodeid: header.nodeid, uid: header.uid, gid: header.gid, pid: header.pid, op })
+    Ok(Request { unique, opcode, nodeid: header.nodeid, uid: header.uid, gid: header.gid, pid: header.pid, op })
 }
 
 #[cfg(test)]

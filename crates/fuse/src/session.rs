@@ -18,6 +18,7 @@ use thiserror::Error;
 use tracing::{debug, warn};
 use zerocopy::IntoBytes;
 
+use crate::counts::{OpcodeCounts, OpcodeTotals};
 use crate::fs::{DirEntryOut, Filesystem, Piece};
 use crate::reply::{self, out_header, OUT_HEADER_SIZE};
 use crate::request::{parse, Operation, Request};
@@ -115,6 +116,7 @@ pub struct Session {
     readers: Mutex<Vec<libc::pthread_t>>,
     first_reply: FirstReply,
     resent: AtomicU64,
+    counts: OpcodeCounts,
 }
 
 /// Runs a hook once, when the first reply has been written (takeover stalls end there).
@@ -218,6 +220,7 @@ impl Session {
             readers: Mutex::new(Vec::new()),
             first_reply: FirstReply::default(),
             resent: AtomicU64::new(0),
+            counts: OpcodeCounts::new(),
         }
     }
 
@@ -229,6 +232,11 @@ impl Session {
     /// Requests this session has read that carried the resend mark (bit 63 of `unique`).
     pub fn resent_requests(&self) -> u64 {
         self.resent.load(Ordering::Relaxed)
+    }
+
+    /// Requests this session has read, and those it answered with an error, by opcode.
+    pub fn opcode_totals(&self) -> OpcodeTotals {
+        self.counts.totals()
     }
 
     /// Makes [`Session::serve`] return [`Ended::Stopped`]: each serving thread stops reading
@@ -317,6 +325,7 @@ impl Session {
             };
             match parse(&buf[..n]) {
                 Ok(request) => {
+                    self.counts.request(request.opcode);
                     if request.unique & RESENT != 0 {
                         self.resent.fetch_add(1, Ordering::Relaxed);
                     }
@@ -360,6 +369,7 @@ fn send(fd: BorrowedFd<'_>, unique: u64, error: i32, body: &[IoSlice<'_>]) {
 struct Reply<'a> {
     session: &'a Session,
     unique: u64,
+    opcode: u32,
     answered: bool,
 }
 
@@ -371,6 +381,7 @@ impl Reply<'_> {
 
     fn error(mut self, errno: Errno) {
         self.answered = true;
+        self.session.counts.error(self.opcode);
         self.session.send(self.unique, -(errno as i32), &[]);
     }
 
@@ -405,6 +416,7 @@ impl Reply<'_> {
 impl Drop for Reply<'_> {
     fn drop(&mut self) {
         if !self.answered {
+            self.session.counts.error(self.opcode);
             self.session.send(self.unique, -libc::EIO, &[]);
         }
     }
@@ -416,7 +428,7 @@ fn dispatch(session: &Session, fs: &dyn Filesystem, request: Request<'_>) {
     }
     let params = &session.params;
     let node = request.nodeid;
-    let reply = Reply { session, unique: request.unique, answered: false };
+    let reply = Reply { session, unique: request.unique, opcode: request.opcode, answered: false };
     match request.op {
         Operation::Init(_) => reply.error(Errno::EPROTO),
         Operation::Destroy | Operation::Release | Operation::Releasedir | Operation::Sync => reply.ok(&[]),

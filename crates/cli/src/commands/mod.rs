@@ -1,6 +1,7 @@
 pub mod blob;
 pub mod build;
 pub mod check;
+pub mod exporter;
 pub mod fscache;
 pub mod inspect;
 pub mod mount;

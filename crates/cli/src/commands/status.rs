@@ -18,7 +18,10 @@ fn print(status: &Status) {
         let kinds: Vec<String> = status.store_errors.iter().map(|(kind, n)| format!("{kind} {n}")).collect();
         println!("store errors {}", kinds.join(", "));
     }
-    println!("cache        {} hits, {} misses, {} corrupt entries discarded", status.cache_hits, status.cache_misses, status.corrupt_cache_entries_discarded);
+    println!(
+        "cache        {} hits ({} memory, {} disk), {} misses, {} evictions, {} corrupt entries discarded",
+        status.cache_hits, status.memory_hits, status.disk_hits, status.cache_misses, status.evictions, status.corrupt_cache_entries_discarded
+    );
     println!("served       {} requests, {} bytes, {} errors", status.requests, status.bytes_served, status.errors);
     println!("log          {}", status.log);
     println!("daemon       holder pid {}, worker pid {} ({} restarts, {} upgrades)", status.holder_pid, status.pid, status.worker_restarts, status.upgrades);

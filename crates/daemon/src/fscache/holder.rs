@@ -19,6 +19,7 @@ use super::registry::{self, Registration};
 use super::{control_socket_path, hand_over, take_over, worker_stats_path, DaemonState, ImageMemfds, Takeover, CACHE_TAG, FSCACHE_DIR};
 use crate::error::MountError;
 use crate::handover::{self, History, Message};
+use crate::histogram::DurationHistogram;
 use crate::holder::{discard, reap, reply as reply_to, spawn_with_channel, Exit, Role, WORKER_START_TIMEOUT};
 use crate::os::{bind_fresh, monotonic_ns, poll_until, set_cloexec};
 
@@ -253,7 +254,7 @@ impl Holder {
 
     /// Tells a prepared worker to take over.
     fn go(&self) -> Message {
-        Message::Go { died_at_ns: monotonic_ns(), history: History { restarts: self.state.restarts, upgrades: self.state.upgrades, stalls_us: Vec::new(), takeovers_measured: 0 } }
+        Message::Go { died_at_ns: monotonic_ns(), history: History { restarts: self.state.restarts, upgrades: self.state.upgrades, stalls_us: Vec::new(), takeovers_measured: 0, stall_histogram: DurationHistogram::takeover_stalls() } }
     }
 
     /// Polls the control socket and the workers' channels until one speaks or the next start

@@ -16,6 +16,7 @@ use super::lifecycle::Lifecycle;
 use super::{Holder, Worker};
 use crate::error::MountError;
 use crate::handover::{self, Message, SessionFds, State, Takeover};
+use crate::histogram::DurationHistogram;
 use crate::mounttable::device_of;
 use crate::os::{set_cloexec, spawn_thread};
 use crate::spec::MountSpec;
@@ -47,6 +48,7 @@ pub(crate) fn hold(spec: MountSpec, image_id: String, fds: SessionFds, ready: Op
             takeover: Takeover::First,
             stalls_us: Vec::new(),
             takeovers_measured: 0,
+            stall_histogram: DurationHistogram::takeover_stalls(),
         };
         let warnings = warnings(&state);
         for warning in &warnings {
