@@ -50,14 +50,19 @@ pub fn fixtures_root() -> PathBuf {
 
 /// Calls `probe` every few milliseconds until it gives a value, and returns that; panics
 /// naming `what` if `timeout` passes first.
-pub fn wait_until<T>(timeout: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+pub fn wait_until<T>(timeout: Duration, what: &str, probe: impl FnMut() -> Option<T>) -> T {
+    wait_until_every(Duration::from_millis(5), timeout, what, probe)
+}
+
+/// [`wait_until`], calling `probe` every `interval` (a probe that asks a server something).
+pub fn wait_until_every<T>(interval: Duration, timeout: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(value) = probe() {
             return value;
         }
         assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(interval);
     }
 }
 

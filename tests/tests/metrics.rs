@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
 use nix::sys::signal::{kill, Signal};
@@ -15,7 +15,7 @@ use nix::unistd::Pid;
 use phoenixfs_tests::mount::PhoenixMount;
 use phoenixfs_tests::prometheus::{Exporter, Prometheus, PROMETHEUS_BIN};
 use phoenixfs_tests::trees::noise;
-use phoenixfs_tests::{build_image, fixture_dir, phoenixfs, run};
+use phoenixfs_tests::{build_image, fixture_dir, phoenixfs, run, wait_until_every};
 
 const MIB: usize = 1 << 20;
 const FILES: usize = 4;
@@ -24,17 +24,9 @@ const KILLS: u64 = 2;
 /// How long Prometheus may take to show a figure: a few scrapes at 1 s.
 const SCRAPED: Duration = Duration::from_secs(30);
 
-/// Calls `probe` every 100 ms (each call asks a process over a socket) until it gives a
-/// value; panics naming `what` if `timeout` passes first.
-fn eventually<T>(timeout: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// Waits for `probe` (each call asks a process over a socket) every 100 ms.
+fn eventually<T>(timeout: Duration, what: &str, probe: impl FnMut() -> Option<T>) -> T {
+    wait_until_every(Duration::from_millis(100), timeout, what, probe)
 }
 
 /// Tells the readers to stop when dropped, so a failed assertion does not leave the scope

@@ -33,19 +33,8 @@ enum Command {
         /// The directory to pack; or a tar file (plain, .gz or .zst: told by its content), or
         /// `-` for a tar stream on stdin, packed without unpacking it.
         src: PathBuf,
-        /// The chunk store: a local directory (created when missing) or a store URL
-        /// (s3://BUCKET/PREFIX, oci://HOST/REPO).
-        #[arg(long, value_parser = args::parse_store)]
-        store: StoreUrl,
-        /// Where to write the image file.
-        #[arg(short = 'o', long = "output")]
-        output: PathBuf,
-        /// Chunk size: a power of two from 4K to 64M (suffixes K, M; bytes without one).
-        #[arg(long, default_value = "1M", value_parser = commands::build::parse_chunk_size)]
-        chunk_size: u8,
-        /// zstd compression level for chunks.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
-        zstd_level: i32,
+        #[command(flatten)]
+        output: commands::build::OutputArgs,
     },
     /// Convert a container image into an image: its layers applied in order (with their
     /// whiteouts), chunks into STORE, the image file to IMAGE; the manifest digest and the
@@ -54,19 +43,8 @@ enum Command {
         /// oci://HOST/REPO[:TAG|@sha256:HEX] (a registry; plain http on loopback, else https),
         /// or an OCI image layout directory DIR or DIR:TAG.
         source: String,
-        /// The chunk store: a local directory (created when missing) or a store URL
-        /// (s3://BUCKET/PREFIX, oci://HOST/REPO).
-        #[arg(long, value_parser = args::parse_store)]
-        store: StoreUrl,
-        /// Where to write the image file.
-        #[arg(short = 'o', long = "output")]
-        output: PathBuf,
-        /// Chunk size: a power of two from 4K to 64M (suffixes K, M; bytes without one).
-        #[arg(long, default_value = "1M", value_parser = commands::build::parse_chunk_size)]
-        chunk_size: u8,
-        /// zstd compression level for chunks.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
-        zstd_level: i32,
+        #[command(flatten)]
+        output: commands::build::OutputArgs,
     },
     /// Show what an image holds.
     Inspect {
@@ -227,12 +205,8 @@ fn main() -> ExitCode {
     let daemon = matches!(cli.command, Command::Mount { .. } | Command::Worker | Command::Holder | Command::FscacheDaemon { .. } | Command::FscacheWorker | Command::FscacheHolder);
     init_logging(cli.verbose + u8::from(daemon));
     let result = match cli.command {
-        Command::Build { src, store, output, chunk_size, zstd_level } => {
-            commands::build::run(&src, &store, &output, chunk_size, zstd_level)
-        }
-        Command::Convert { source, store, output, chunk_size, zstd_level } => {
-            commands::build::convert(&source, &store, &output, chunk_size, zstd_level)
-        }
+        Command::Build { src, output } => commands::build::run(&src, &output),
+        Command::Convert { source, output } => commands::build::convert(&source, &output),
         Command::Inspect { image, store, json } => commands::inspect::run(&image, store.as_ref(), json),
         Command::Push { image, store, to, jobs } => commands::push::run(&image, store.as_ref(), &to, usize::from(jobs)),
         Command::Check { image, store } => commands::check::run(&image, &store),

@@ -1,6 +1,6 @@
 use std::fs;
 use std::io::{IsTerminal, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -11,9 +11,33 @@ use phoenixfs_store::StoreUrl;
 
 use crate::args;
 
-pub fn run(src: &Path, store: &StoreUrl, output: &Path, chunk_bits: u8, zstd_level: i32) -> Result<ExitCode> {
-    let store = args::create_store(store)?;
-    let options = BuildOptions { chunk_bits, zstd_level, progress: std::io::stderr().is_terminal() };
+/// Where `build` and `convert` put what they make, and how they cut and compress it.
+#[derive(clap::Args)]
+pub struct OutputArgs {
+    /// The chunk store: a local directory (created when missing) or a store URL
+    /// (s3://BUCKET/PREFIX, oci://HOST/REPO).
+    #[arg(long, value_parser = args::parse_store)]
+    store: StoreUrl,
+    /// Where to write the image file.
+    #[arg(short = 'o', long = "output")]
+    output: PathBuf,
+    /// Chunk size: a power of two from 4K to 64M (suffixes K, M; bytes without one).
+    #[arg(long, default_value = "1M", value_parser = parse_chunk_size)]
+    chunk_size: u8,
+    /// zstd compression level for chunks.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
+    zstd_level: i32,
+}
+
+impl OutputArgs {
+    fn options(&self) -> BuildOptions {
+        BuildOptions { chunk_bits: self.chunk_size, zstd_level: self.zstd_level, progress: std::io::stderr().is_terminal() }
+    }
+}
+
+pub fn run(src: &Path, out: &OutputArgs) -> Result<ExitCode> {
+    let store = args::create_store(&out.store)?;
+    let options = out.options();
     let built = if src == Path::new("-") {
         build_from_tar(std::io::stdin(), "on stdin", store.as_ref(), &options)?
     } else if src.is_dir() {
@@ -22,26 +46,25 @@ pub fn run(src: &Path, store: &StoreUrl, output: &Path, chunk_bits: u8, zstd_lev
         let file = fs::File::open(src).with_context(|| format!("cannot read {}", src.display()))?;
         build_from_tar(file, &src.display().to_string(), store.as_ref(), &options)?
     };
-    report(&built, output, "built")
+    report(&built, &out.output)
 }
 
 /// `phoenixfs convert`: a container image from a registry or a layout directory.
-pub fn convert(source: &str, store: &StoreUrl, output: &Path, chunk_bits: u8, zstd_level: i32) -> Result<ExitCode> {
+pub fn convert(source: &str, out: &OutputArgs) -> Result<ExitCode> {
     let source = OciSource::parse(source).map_err(anyhow::Error::msg)?;
-    let store = args::create_store(store)?;
-    let options = BuildOptions { chunk_bits, zstd_level, progress: std::io::stderr().is_terminal() };
-    let converted = oci::convert(&source, store.as_ref(), &options)?;
+    let store = args::create_store(&out.store)?;
+    let converted = oci::convert(&source, store.as_ref(), &out.options())?;
     eprintln!("converted {source}: manifest {}, {} layers", converted.manifest_digest, converted.layers);
-    report(&converted.built, output, "built")
+    report(&converted.built, &out.output)
 }
 
 /// Writes the image file, prints its id on stdout and what it holds on stderr.
-fn report(built: &Built, output: &Path, verb: &str) -> Result<ExitCode> {
+fn report(built: &Built, output: &Path) -> Result<ExitCode> {
     write_atomically(output, &built.image_file)?;
     let s = &built.stats;
     println!("{}", built.id);
     eprintln!(
-        "{verb} {}: {} inodes ({} files, {} directories), {} bytes, {} chunks ({} new, {} bytes stored)",
+        "built {}: {} inodes ({} files, {} directories), {} bytes, {} chunks ({} new, {} bytes stored)",
         output.display(),
         s.inodes,
         s.regular_files,
