@@ -127,6 +127,7 @@ fn prometheus_scrapes_a_mount_under_load_and_reads_the_figures_back() {
     at_least(mine("phoenixfs_worker_restarts_total"), KILLS as f64);
     at_least(mine("phoenixfs_takeover_stall_seconds_count"), 1.0);
     at_least(format!("phoenixfs_fuse_requests_total{{mountpoint=\"{mountpoint}\",opcode=\"read\"}}"), 1.0);
+    at_least(format!("phoenixfs_fuse_reply_bytes_total{{mountpoint=\"{mountpoint}\",opcode=\"read\"}}"), read_bytes);
     let fetches = eventually(SCRAPED, "Prometheus shows as many timed fetches as fetched chunks", || {
         prometheus.value(&mine("phoenixfs_store_fetch_duration_seconds_count")).filter(|&n| n == fetched)
     });

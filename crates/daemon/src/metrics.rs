@@ -99,6 +99,9 @@ fn add_mount(out: &mut Exposition, s: &Status) {
     for (opcode, n) in &s.errors_by_opcode {
         out.counter("phoenixfs_fuse_request_errors_total", "FUSE requests answered with an errno (expected ones such as ENOENT and ENOSYS included), by opcode.", &labelled(&mount, "opcode", opcode), *n);
     }
+    for (opcode, n) in &s.reply_bytes_by_opcode {
+        out.counter("phoenixfs_fuse_reply_bytes_total", "Bytes of the worker's answers (bodies, not headers), by opcode.", &labelled(&mount, "opcode", opcode), *n);
+    }
     out.counter("phoenixfs_fuse_read_bytes_total", "Bytes of file data answered to READ requests.", &mount, s.bytes_served);
     out.counter("phoenixfs_fuse_io_errors_total", "Requests failed with EIO because a chunk could not be read or the image is corrupt.", &mount, s.errors);
     out.counter("phoenixfs_resent_requests_total", "Requests the kernel resent to this worker after its predecessor died.", &mount, s.resent_requests);

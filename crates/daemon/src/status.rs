@@ -87,6 +87,9 @@ pub struct Status {
     pub requests_by_opcode: std::collections::BTreeMap<String, u64>,
     #[serde(default)]
     pub errors_by_opcode: std::collections::BTreeMap<String, u64>,
+    /// Bytes of the answers' bodies, by opcode.
+    #[serde(default)]
+    pub reply_bytes_by_opcode: std::collections::BTreeMap<String, u64>,
     /// `cache_hits` by where the chunk was found: this worker's memory, the cache directory.
     #[serde(default)]
     pub memory_hits: u64,

@@ -325,6 +325,7 @@ fn serve_status(session: &Arc<Session>, fs: &Arc<ImageFs>, link: &Arc<HolderLink
             shared_memory_discarded: cache.shared().map_or(0, |s| load(&s.stats.discarded)),
             requests_by_opcode: opcodes.requests.iter().map(|(name, n)| (name.to_string(), *n)).collect(),
             errors_by_opcode: opcodes.errors.iter().map(|(name, n)| (name.to_string(), *n)).collect(),
+            reply_bytes_by_opcode: opcodes.reply_bytes.iter().map(|(name, n)| (name.to_string(), *n)).collect(),
             memory_hits: load(&cache.stats.memory_hits),
             disk_hits: load(&cache.stats.disk_hits),
             evictions: load(&cache.stats.evictions),

@@ -1,5 +1,5 @@
-//! Requests and error answers by opcode, counted on the request path: one relaxed atomic
-//! add per request in a fixed table indexed by opcode, no lock, nothing allocated.
+//! Requests, error answers and answered bytes by opcode, counted on the request path: relaxed
+//! atomic adds in fixed tables indexed by opcode, no lock, nothing allocated.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,6 +12,7 @@ const SLOTS: usize = 64;
 pub struct OpcodeCounts {
     requests: [AtomicU64; SLOTS],
     errors: [AtomicU64; SLOTS],
+    reply_bytes: [AtomicU64; SLOTS],
 }
 
 /// Counts by opcode name ("read", "lookup", ...), opcodes never seen left out.
@@ -20,6 +21,8 @@ pub struct OpcodeTotals {
     pub requests: BTreeMap<&'static str, u64>,
     /// Requests answered with an errno, expected ones (ENOENT, ENOSYS) included.
     pub errors: BTreeMap<&'static str, u64>,
+    /// Bytes of the answers' bodies (headers not counted).
+    pub reply_bytes: BTreeMap<&'static str, u64>,
 }
 
 fn slot(opcode: u32) -> usize {
@@ -32,7 +35,8 @@ fn slot(opcode: u32) -> usize {
 
 impl OpcodeCounts {
     pub fn new() -> Self {
-        OpcodeCounts { requests: std::array::from_fn(|_| AtomicU64::new(0)), errors: std::array::from_fn(|_| AtomicU64::new(0)) }
+        let table = || std::array::from_fn(|_| AtomicU64::new(0));
+        OpcodeCounts { requests: table(), errors: table(), reply_bytes: table() }
     }
 
     pub fn request(&self, opcode: u32) {
@@ -41,6 +45,10 @@ impl OpcodeCounts {
 
     pub fn error(&self, opcode: u32) {
         self.errors[slot(opcode)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn replied(&self, opcode: u32, bytes: usize) {
+        self.reply_bytes[slot(opcode)].fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     pub fn totals(&self) -> OpcodeTotals {
@@ -54,7 +62,7 @@ impl OpcodeCounts {
             }
             totals
         };
-        OpcodeTotals { requests: by_name(&self.requests), errors: by_name(&self.errors) }
+        OpcodeTotals { requests: by_name(&self.requests), errors: by_name(&self.errors), reply_bytes: by_name(&self.reply_bytes) }
     }
 }
 
@@ -75,8 +83,11 @@ mod tests {
             counts.request(op);
         }
         counts.error(opcode::LOOKUP);
+        counts.replied(opcode::READ, 4096);
+        counts.replied(opcode::READ, 100);
         let totals = counts.totals();
         assert_eq!(totals.requests.into_iter().collect::<Vec<_>>(), vec![("lookup", 1), ("other", 2), ("read", 2)]);
         assert_eq!(totals.errors.into_iter().collect::<Vec<_>>(), vec![("lookup", 1)]);
+        assert_eq!(totals.reply_bytes.into_iter().collect::<Vec<_>>(), vec![("read", 4196)]);
     }
 }

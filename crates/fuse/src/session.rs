@@ -376,6 +376,7 @@ struct Reply<'a> {
 impl Reply<'_> {
     fn ok(mut self, body: &[u8]) {
         self.answered = true;
+        self.session.counts.replied(self.opcode, body.len());
         self.session.send(self.unique, 0, &[IoSlice::new(body)]);
     }
 
@@ -409,6 +410,7 @@ impl Reply<'_> {
                 Piece::Owned(v) => iov.push(IoSlice::new(v)),
             }
         }
+        self.session.counts.replied(self.opcode, iov.iter().map(|slice| slice.len()).sum());
         self.session.send(self.unique, 0, &iov);
     }
 }
