@@ -88,7 +88,7 @@ pub fn build_from_layers(
         let read = (|| {
             for (index, layer) in layers.enumerate() {
                 let layer = layer?;
-                let depth = u32::try_from(index).expect("fewer than 2^32 layers");
+                let depth = u32::try_from(index).unwrap_or(u32::MAX);
                 read_layer(layer, depth, whiteouts, &mut tree, &stream)?;
                 if stop.load(Ordering::Relaxed) {
                     break;
