@@ -406,10 +406,11 @@ impl ChunkCache {
             let (kind, detail, corrupt) = match store.get_chunk(entry) {
                 Ok(stored) => match decode_chunk_owned(entry, stored) {
                     Ok(data) => {
+                        let took = started.elapsed();
                         self.stats.fetches.fetch_add(1, Ordering::Relaxed);
-                        self.stats.fetch_durations.observe(started.elapsed());
+                        self.stats.fetch_durations.observe(took);
                         self.stats.fetched_bytes.fetch_add(u64::from(entry.stored_length), Ordering::Relaxed);
-                        debug!(chunk = %digest, bytes = entry.stored_length, attempt, took_us = started.elapsed().as_micros() as u64, "fetched");
+                        debug!(chunk = %digest, bytes = entry.stored_length, attempt, took_us = took.as_micros() as u64, "fetched");
                         return Ok(data);
                     }
                     Err(e) => ("corrupt", e.to_string(), true),
