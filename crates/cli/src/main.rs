@@ -116,6 +116,14 @@ enum Command {
         /// Threads serving FUSE requests [default: twice the cores, at least 4].
         #[arg(long)]
         threads: Option<usize>,
+        /// Files at least this large, once all their chunks are cached, are copied whole into
+        /// the cache directory and read by the kernel from there (FUSE passthrough, Linux
+        /// 6.9+), as fast as the disk file system's page cache (0: never).
+        #[arg(long, default_value = "1M", value_parser = commands::build::parse_size)]
+        passthrough_min: u64,
+        /// Size limit of those copies [default: a quarter of --cache-size] (0: no passthrough).
+        #[arg(long, value_parser = commands::build::parse_size)]
+        passthrough_cache: Option<u64>,
         /// Mount with the kernel's own EROFS over fscache (cachefiles on-demand mode, Linux
         /// 6.8+) instead of FUSE, served by the host's one fscache daemon (started when none runs).
         #[arg(long)]
@@ -225,7 +233,7 @@ fn main() -> ExitCode {
                 log_level: cli.verbose,
             })
         }
-        Command::Mount { image, mountpoint, store, fetch_deadline, cache, cache_size, memory_cache, foreground, prefetch, prefetch_all, readahead, threads, .. } => {
+        Command::Mount { image, mountpoint, store, fetch_deadline, cache, cache_size, memory_cache, foreground, prefetch, prefetch_all, readahead, threads, passthrough_min, passthrough_cache, .. } => {
             commands::mount::run(commands::mount::MountArgs {
                 image,
                 mountpoint,
@@ -239,6 +247,8 @@ fn main() -> ExitCode {
                 prefetch_all,
                 readahead,
                 threads,
+                passthrough_min,
+                passthrough_cache: passthrough_cache.unwrap_or(cache_size / 4),
                 log_level: cli.verbose,
             })
         }

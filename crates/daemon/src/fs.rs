@@ -12,11 +12,12 @@ mod tests;
 use nix::errno::Errno;
 use phoenixfs_cache::ChunkCache;
 use phoenixfs_format::{ExtentTarget, ImageFile, Inode, InodeKind, Nid};
-use phoenixfs_fuse::{Attr, DirEntryOut, Entry, Filesystem, Piece, StatFs, ROOT_NODEID};
+use phoenixfs_fuse::{Attr, DirEntryOut, Entry, Filesystem, Opening, Piece, StatFs, ROOT_NODEID};
 use phoenixfs_store::ChunkStore;
 use tracing::error;
 
 pub use self::error::FsError;
+use crate::passthrough::{PassthroughConfig, PassthroughFiles};
 use crate::readahead::Readahead;
 
 #[derive(Debug, Default)]
@@ -32,12 +33,16 @@ pub struct ImageFs {
     pub cache: Arc<ChunkCache>,
     pub stats: FsStats,
     readahead: Readahead,
+    passthrough: Option<PassthroughFiles>,
 }
 
 impl ImageFs {
-    pub fn new(image: Arc<ImageFile>, store: Arc<dyn ChunkStore>, cache: Arc<ChunkCache>, readahead_bytes: u64) -> Arc<Self> {
+    /// With `passthrough`, large files whose chunks are all cached are opened in passthrough
+    /// mode (when the session negotiated it) to copies made in the cache directory.
+    pub fn new(image: Arc<ImageFile>, store: Arc<dyn ChunkStore>, cache: Arc<ChunkCache>, readahead_bytes: u64, passthrough: Option<PassthroughConfig>) -> std::io::Result<Arc<Self>> {
+        let passthrough = passthrough.map(|config| PassthroughFiles::new(image.clone(), store.clone(), cache.clone(), config)).transpose()?;
         let readahead = Readahead::new(image.clone(), store.clone(), cache.clone(), readahead_bytes);
-        Arc::new(ImageFs { image, store, cache, stats: FsStats::default(), readahead })
+        Ok(Arc::new(ImageFs { image, store, cache, stats: FsStats::default(), readahead, passthrough }))
     }
 
     fn root_nid(&self) -> Nid {
@@ -130,10 +135,12 @@ impl ImageFs {
         Ok(self.image.bootstrap.read_link(&self.inode_of_kind(node, InodeKind::Symlink)?)?)
     }
 
-    pub fn check_open(&self, node: u64) -> Result<(), FsError> {
-        match self.inode(node)?.kind {
-            InodeKind::Dir => Err(FsError::IsADirectory),
-            _ => Ok(()),
+    pub fn check_open(&self, node: u64) -> Result<Opening, FsError> {
+        let inode = self.inode(node)?;
+        match (&inode.kind, &self.passthrough) {
+            (InodeKind::Dir, _) => Err(FsError::IsADirectory),
+            (_, Some(passthrough)) => Ok(passthrough.opening(&inode)),
+            (_, None) => Ok(Opening::Cached),
         }
     }
 
@@ -237,8 +244,16 @@ impl Filesystem for ImageFs {
         self.answer(self.link_target(node))
     }
 
-    fn open(&self, node: u64) -> Result<(), Errno> {
+    fn open(&self, node: u64) -> Result<Opening, Errno> {
         self.answer(self.check_open(node))
+    }
+
+    fn released(&self, node: u64) {
+        if let (Some(passthrough), Ok(nid)) = (&self.passthrough, self.nid(node)) {
+            if let Ok(inode) = self.image.bootstrap.inode(nid) {
+                passthrough.released(&inode);
+            }
+        }
     }
 
     fn read(&self, node: u64, offset: u64, size: u32) -> Result<Vec<Piece>, Errno> {

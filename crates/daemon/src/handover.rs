@@ -204,18 +204,21 @@ pub fn receive_with_fds<T: DeserializeOwned>(socket: BorrowedFd<'_>) -> Result<(
 }
 
 /// What every process of a mount holds and passes on: the FUSE connection, the verified
-/// image (a sealed memfd), and the chunk memory shared by worker generations (a memfd; none
-/// when the mount has no memory cache).
+/// image (a sealed memfd), the chunk memory shared by worker generations (a memfd; none
+/// when the mount has no memory cache) and the open-file table (a memfd; only when the
+/// session negotiated passthrough opens).
 pub struct SessionFds {
     pub fuse: OwnedFd,
     pub image: OwnedFd,
     pub chunks: Option<OwnedFd>,
+    pub opens: Option<OwnedFd>,
 }
 
 impl SessionFds {
     fn raw(&self) -> Vec<RawFd> {
         let mut fds = vec![self.fuse.as_raw_fd(), self.image.as_raw_fd()];
         fds.extend(self.chunks.as_ref().map(AsRawFd::as_raw_fd));
+        fds.extend(self.opens.as_ref().map(AsRawFd::as_raw_fd));
         fds
     }
 }
@@ -225,16 +228,21 @@ pub fn send(socket: BorrowedFd<'_>, state: &State, fds: &SessionFds) -> Result<(
     send_with_fds(socket, state, &fds.raw())
 }
 
-/// Receives what `send` sent: the session's fds, and the state (checked).
+/// Receives what `send` sent: the session's fds, and the state (checked), which says which
+/// of the optional fds came.
 pub fn receive(socket: BorrowedFd<'_>) -> Result<(State, SessionFds), HandoverError> {
-    let (state, mut fds) = receive_with_fds(socket)?;
-    if !(2..=3).contains(&fds.len()) {
+    let (state, fds) = receive_with_fds::<State>(socket)?;
+    let state = state?;
+    let (has_chunks, has_opens) = (state.spec.memory_limit > 0, state.params.passthrough());
+    if fds.len() != 2 + usize::from(has_chunks) + usize::from(has_opens) {
         return Err(HandoverError::Fds(fds.len()));
     }
-    let chunks = (fds.len() == 3).then(|| fds.pop().expect("three fds"));
-    let image = fds.pop().expect("two fds");
-    let fuse = fds.pop().expect("one fd");
-    Ok((state?, SessionFds { fuse, image, chunks }))
+    let mut fds = fds.into_iter();
+    let mut next = || fds.next().expect("counted above");
+    let (fuse, image) = (next(), next());
+    let chunks = has_chunks.then(&mut next);
+    let opens = has_opens.then(&mut next);
+    Ok((state, SessionFds { fuse, image, chunks, opens }))
 }
 
 /// Sends one message; fails when the other side is gone.

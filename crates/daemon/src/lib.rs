@@ -30,6 +30,7 @@ pub mod metrics;
 mod mount;
 mod mounttable;
 mod os;
+mod passthrough;
 mod readahead;
 mod spec;
 mod status;

@@ -105,6 +105,7 @@ fn add_mount(out: &mut Exposition, s: &Status) {
     out.counter("phoenixfs_fuse_read_bytes_total", "Bytes of file data answered to READ requests.", &mount, s.bytes_served);
     out.counter("phoenixfs_fuse_io_errors_total", "Requests failed with EIO because a chunk could not be read or the image is corrupt.", &mount, s.errors);
     out.counter("phoenixfs_resent_requests_total", "Requests the kernel resent to this worker after its predecessor died.", &mount, s.resent_requests);
+    out.counter("phoenixfs_passthrough_opens_total", "Opens the worker answered in passthrough mode: the kernel reads a copy in the cache directory itself.", &mount, s.passthrough_opens);
 
     let hits = "Chunk reads served from a cache level: the worker's memory, the memory shared by worker generations, the cache directory.";
     out.counter("phoenixfs_cache_hits_total", hits, &labelled(&mount, "level", "memory"), s.memory_hits);

@@ -60,7 +60,7 @@ pub fn mount(config: MountConfig) -> Result<(), MountError> {
     // Chunk memory that outlives workers: a new one starts warm.
     let chunks = (spec.memory_limit > 0).then(|| SharedChunks::create(spec.memory_limit, chunk_size)).transpose()?;
     let fuse = phoenixfs_fuse::mount(&mountpoint, &MountOptions { source: spec.image.clone(), allow_other: spec.allow_other })?;
-    let fds = SessionFds { fuse, image, chunks };
+    let fds = SessionFds { fuse, image, chunks, opens: None };
     if config.foreground {
         return hold(spec, image_id.to_string(), fds, None);
     }

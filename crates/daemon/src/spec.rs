@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use phoenixfs_cache::FetchPolicy;
+
+use crate::passthrough::PassthroughConfig;
 use phoenixfs_store::{ChunkStore, StoreError, StoreUrl};
 use serde::{Deserialize, Serialize};
 
@@ -47,12 +49,23 @@ pub struct MountSpec {
     pub owner_uid: u32,
     /// How many -v the daemon's processes log with.
     pub log_level: u8,
+    /// Files at least this large are read in passthrough mode once cached (0: never).
+    #[serde(default)]
+    pub passthrough_min: u64,
+    /// Bytes of passthrough copies kept in the cache directory (0: no passthrough).
+    #[serde(default)]
+    pub passthrough_budget: u64,
 }
 
 impl MountSpec {
     /// The store and its mirrors, opened without a request.
     pub fn open_store(&self) -> Result<Arc<dyn ChunkStore>, StoreError> {
         open_store(&self.store, &self.mirrors)
+    }
+
+    /// Whether to ask the kernel for passthrough opens, and for which files.
+    pub fn passthrough(&self) -> Option<PassthroughConfig> {
+        (self.passthrough_min > 0 && self.passthrough_budget > 0).then_some(PassthroughConfig { min_size: self.passthrough_min, budget: self.passthrough_budget })
     }
 
     pub fn fetch_policy(&self) -> FetchPolicy {
@@ -85,6 +98,8 @@ impl MountSpec {
             progress: false,
             owner_uid: 0,
             log_level: 1,
+            passthrough_min: 1 << 20,
+            passthrough_budget: 1 << 30,
         }
     }
 }

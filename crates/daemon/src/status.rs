@@ -35,6 +35,9 @@ pub struct Status {
     pub takeovers_measured: u64,
     /// Requests this worker read that the kernel had resent (a dead worker's).
     pub resent_requests: u64,
+    /// Opens this worker answered in passthrough mode (the kernel then reads a copy itself).
+    #[serde(default)]
+    pub passthrough_opens: u64,
     pub mountpoint: String,
     pub image: String,
     pub image_id: String,

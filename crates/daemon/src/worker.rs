@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use phoenixfs_cache::{CacheError, ChunkCache, SharedChunks};
 use phoenixfs_format::{ExtentTarget, ImageId, InodeKind};
-use phoenixfs_fuse::{Ended, Session};
+use phoenixfs_fuse::{Ended, OpenTable, Session};
 use tracing::{info, warn};
 
 use crate::error::MountError;
@@ -34,6 +34,7 @@ struct HolderLink {
     /// The session's memory objects, to hand a new holder (the FUSE fd is the session's).
     image: OwnedFd,
     chunks: Option<OwnedFd>,
+    opens: Option<OwnedFd>,
 }
 
 impl HolderLink {
@@ -57,12 +58,13 @@ pub fn run_worker() -> Result<(), MountError> {
     set_cloexec(channel.as_fd());
     let started = handover::receive(channel.as_fd()).map_err(MountError::from).and_then(|(state, fds)| {
         handover::check_peer(channel.as_fd(), state.spec.owner_uid)?;
-        let SessionFds { fuse, image, chunks } = fds;
-        let session = Arc::new(Session::resume(fuse, state.params));
+        let SessionFds { fuse, image, chunks, opens } = fds;
+        let table = opens.as_ref().map(OpenTable::adopt).transpose().map_err(|e| MountError::Io { what: "mapping the open-file table".into(), source: std::io::Error::other(e) })?;
+        let session = Arc::new(Session::resume(fuse, state.params, table)?);
         let fs = start_serving(&state, &session, &image, chunks.as_ref())?;
-        Ok((state, session, fs, image, chunks))
+        Ok((state, session, fs, image, chunks, opens))
     });
-    let (mut state, session, fs, image, chunks) = match started {
+    let (mut state, session, fs, image, chunks, opens) = match started {
         Ok(started) => started,
         Err(e) => {
             let _ = handover::send_message(channel.as_fd(), &Message::Failed(e.to_string()));
@@ -90,6 +92,7 @@ pub fn run_worker() -> Result<(), MountError> {
         leaving: AtomicBool::new(false),
         image,
         chunks,
+        opens,
     });
     watch_first_reply(&session, &link);
     let start_us = monotonic_ns().saturating_sub(link.state.lock().unwrap_or_else(|p| p.into_inner()).launched_at_ns) / 1000;
@@ -134,7 +137,8 @@ fn start_serving(state: &State, session: &Session, image: &OwnedFd, chunks: Opti
     };
     let cache = Arc::new(ChunkCache::open_unindexed(&spec.cache_dir, spec.cache_limit, private_limit, shared)?.with_policy(spec.fetch_policy()));
     resend_after_death(state, session)?;
-    let fs = ImageFs::new(Arc::new(image), store, cache, spec.readahead);
+    let passthrough = spec.passthrough().filter(|_| session.params().passthrough());
+    let fs = ImageFs::new(Arc::new(image), store, cache, spec.readahead, passthrough).map_err(|source| MountError::Io { what: "making the passthrough copies' directory".into(), source })?;
     if state.takeover == Takeover::First && spec.prefetch != Prefetch::Nothing {
         let (fs, prefetch, progress) = (fs.clone(), spec.prefetch.clone(), spec.progress);
         spawn_thread("prefetch", move || prefetch_chunks(&fs, &prefetch, progress))?;
@@ -259,6 +263,7 @@ fn start_holder(session: &Session, link: &HolderLink) -> Result<Child, MountErro
         fuse: session.fd().try_clone_to_owned().map_err(io("duplicating the FUSE fd"))?,
         image: link.image.try_clone().map_err(io("duplicating the image memfd"))?,
         chunks: link.chunks.as_ref().map(OwnedFd::try_clone).transpose().map_err(io("duplicating the chunk memfd"))?,
+        opens: link.opens.as_ref().map(OwnedFd::try_clone).transpose().map_err(io("duplicating the open-file table"))?,
     };
     let (channel, child) = start_with_handover(&binary, Role::Holder, &state, &fds)?;
     link.holder_pid.store(child.id(), Ordering::Relaxed);
@@ -292,6 +297,7 @@ fn serve_status(session: &Arc<Session>, fs: &Arc<ImageFs>, link: &Arc<HolderLink
             takeover_stalls_ms: state.stalls_us.iter().map(|&us| us as f64 / 1000.0).collect(),
             takeovers_measured: state.takeovers_measured,
             resent_requests: session.resent_requests(),
+            passthrough_opens: session.passthrough_opens(),
             mountpoint: spec.mountpoint.display().to_string(),
             image: spec.image.clone(),
             image_id: fs.image.id.to_string(),

@@ -1,5 +1,6 @@
 //! The read-only file system interface the session serves, in plain values.
 
+use std::fs::File;
 use std::sync::Arc;
 
 use nix::errno::Errno;
@@ -63,14 +64,26 @@ impl Piece {
     }
 }
 
+/// How a file may be opened.
+#[derive(Debug)]
+pub enum Opening {
+    /// Through the FUSE page cache only.
+    Cached,
+    /// In passthrough mode when the session can, to `backing` (a file holding exactly this
+    /// file's bytes) when it is ready; else through the page cache until it is.
+    Passthrough { backing: Option<File> },
+}
+
 /// A read-only file system, addressed by nodeid. Every method answers from what the nodeid
 /// names; nothing may depend on an earlier call (no open-file or lookup state).
 pub trait Filesystem: Send + Sync {
     fn lookup(&self, parent: u64, name: &[u8]) -> Result<Entry, Errno>;
     fn getattr(&self, node: u64) -> Result<Attr, Errno>;
     fn readlink(&self, node: u64) -> Result<Vec<u8>, Errno>;
-    /// Checks that `node` can be opened for reading.
-    fn open(&self, node: u64) -> Result<(), Errno>;
+    /// Checks that `node` can be opened for reading, and says how.
+    fn open(&self, node: u64) -> Result<Opening, Errno>;
+    /// The kernel closed a file of `node` (passthrough sessions only; nothing to answer).
+    fn released(&self, _node: u64) {}
     fn read(&self, node: u64, offset: u64, size: u32) -> Result<Vec<Piece>, Errno>;
     /// Calls `add` for entries from `cookie` on until it returns false. A cookie comes from
     /// an earlier entry's `next_cookie` (0 is the start) and must mean the same position in

@@ -9,16 +9,20 @@
 //! read-only [`Filesystem`] trait.
 //!
 //! Must never: know about chunks, stores or images; keep per-open or per-lookup state that a
-//! new process could not rebuild; answer a request twice or not at all (see [`reply::Reply`]).
+//! new process could not rebuild (passthrough sessions keep which files are open in which mode
+//! in the holder's [`OpenTable`], written before the kernel hears of an open); answer a request
+//! twice or not at all (see [`reply::Reply`]).
 
 mod counts;
 mod fs;
+mod opens;
 pub mod reply;
 pub mod request;
 pub mod session;
 
 pub use counts::OpcodeTotals;
-pub use fs::{Attr, DirEntryOut, Entry, Filesystem, Piece, StatFs};
+pub use fs::{Attr, DirEntryOut, Entry, Filesystem, Opening, Piece, StatFs};
+pub use opens::{OpenMode, OpenTable, OpenTableError};
 pub use session::{mount, Ended, MountOptions, Session, SessionParams};
 
 /// The root directory's nodeid in every FUSE session.

@@ -90,7 +90,11 @@ pub fn statx_out(attr: &Attr) -> Vec<u8> {
 }
 
 pub fn open_out(open_flags: u32) -> Vec<u8> {
-    abi::fuse_open_out { fh: 0, open_flags, backing_id: 0 }.as_bytes().to_vec()
+    open_out_with(0, open_flags, 0)
+}
+
+pub fn open_out_with(fh: u64, open_flags: u32, backing_id: u32) -> Vec<u8> {
+    abi::fuse_open_out { fh, open_flags, backing_id: backing_id as i32 }.as_bytes().to_vec()
 }
 
 pub fn statfs_out(s: &StatFs) -> Vec<u8> {

@@ -113,7 +113,8 @@ pub enum Operation<'a> {
     Readlink,
     Open { flags: u32 },
     Read { offset: u64, size: u32 },
-    Release,
+    /// `fh` is what our OPEN answer gave the file.
+    Release { fh: u64 },
     Opendir,
     Readdir { offset: u64, size: u32, plus: bool },
     Releasedir,
@@ -201,7 +202,7 @@ pub fn parse(buf: &[u8]) -> Result<Request<'_>, ParseError> {
             let (read, _) = arg::<abi::fuse_read_in>(body, opcode, unique)?;
             Operation::Read { offset: read.offset, size: read.size }
         }
-        opcode::RELEASE => Operation::Release,
+        opcode::RELEASE => Operation::Release { fh: arg::<abi::fuse_release_in>(body, opcode, unique)?.0.fh },
         opcode::OPENDIR => Operation::Opendir,
         opcode::READDIR | opcode::READDIRPLUS => {
             let (read, _) = arg::<abi::fuse_read_in>(body, opcode, unique)?;

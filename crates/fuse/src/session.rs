@@ -1,5 +1,6 @@
 //! Mounting, the INIT handshake, and serving requests from several threads on one fd.
 
+use std::fs::File;
 use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
@@ -19,7 +20,8 @@ use tracing::{debug, warn};
 use zerocopy::IntoBytes;
 
 use crate::counts::{OpcodeCounts, OpcodeTotals};
-use crate::fs::{DirEntryOut, Filesystem, Piece};
+use crate::fs::{DirEntryOut, Filesystem, Opening, Piece};
+use crate::opens::{OpenMode, OpenTable};
 use crate::reply::{self, out_header, OUT_HEADER_SIZE};
 use crate::request::{parse, Operation, Request};
 
@@ -52,6 +54,8 @@ pub enum SessionError {
     Notify(Errno),
     #[error("installing the stop signal handler: {0}")]
     Signal(Errno),
+    #[error("the session negotiated passthrough opens but was given no open-file table")]
+    NoOpenTable,
 }
 
 /// Everything negotiated at INIT: the only session state. The kernel never sends INIT again,
@@ -74,6 +78,12 @@ impl SessionParams {
     /// Whether the kernel can resend requests a dead daemon had read (Linux 6.9+).
     pub fn has_resend(&self) -> bool {
         self.kernel_flags & abi::FUSE_HAS_RESEND != 0
+    }
+
+    /// Whether files may be opened in passthrough mode (Linux 6.9+, asked for at INIT): then
+    /// every OPEN of a file is answered, never with ENOSYS.
+    pub fn passthrough(&self) -> bool {
+        self.flags & abi::FUSE_PASSTHROUGH != 0
     }
 
     /// Whether an ENOSYS answer to OPEN (OPENDIR) makes the kernel stop sending them and
@@ -117,6 +127,9 @@ pub struct Session {
     first_reply: FirstReply,
     resent: AtomicU64,
     counts: OpcodeCounts,
+    passthrough_opens: AtomicU64,
+    /// Which files are open in which mode, when the session negotiated passthrough.
+    opens: Option<OpenTable>,
 }
 
 /// Runs a hook once, when the first reply has been written (takeover stalls end there).
@@ -164,8 +177,9 @@ const WANTED_FLAGS: u64 = abi::FUSE_ASYNC_READ as u64
     | abi::FUSE_HAS_RESEND;
 
 impl Session {
-    /// Answers the kernel's INIT on a freshly mounted fd.
-    pub fn init(fd: OwnedFd) -> Result<Session, SessionError> {
+    /// Answers the kernel's INIT on a freshly mounted fd, asking for passthrough opens if
+    /// `passthrough`. The session serves nothing itself: [`Session::resume`] it.
+    pub fn init(fd: OwnedFd, passthrough: bool) -> Result<(OwnedFd, SessionParams), SessionError> {
         let mut buf = vec![0u8; BUFFER_SIZE];
         let n = loop {
             match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
@@ -182,7 +196,8 @@ impl Session {
             return Err(SessionError::Major(init.major));
         }
         let kernel_flags = u64::from(init.flags) | (u64::from(init.flags2) << 32);
-        let flags = kernel_flags & WANTED_FLAGS;
+        let wanted = if passthrough { WANTED_FLAGS | abi::FUSE_PASSTHROUGH } else { WANTED_FLAGS };
+        let flags = kernel_flags & wanted;
         let params = SessionParams {
             kernel_minor: init.minor,
             minor: init.minor.min(OUR_MINOR),
@@ -203,17 +218,23 @@ impl Session {
             time_gran: 1,
             max_pages: params.max_pages,
             flags2: (flags >> 32) as u32,
+            // Backing files on a disk file system (stacking depth 0) under this one.
+            max_stack_depth: u32::from(flags & abi::FUSE_PASSTHROUGH != 0),
             ..Default::default()
         };
         send(fd.as_fd(), request.unique, 0, &[IoSlice::new(out.as_bytes())]);
         debug!(kernel_minor = init.minor, flags = format_args!("{flags:#x}"), "FUSE session initialised");
-        Ok(Session::resume(fd, params))
+        Ok((fd, params))
     }
 
     /// Resumes a connection another process initialised: the kernel never sends INIT again,
-    /// so `params` must be what that process negotiated.
-    pub fn resume(fd: OwnedFd, params: SessionParams) -> Session {
-        Session {
+    /// so `params` must be what that process negotiated. A passthrough session needs the
+    /// mount's open-file table (every process serving it must share one).
+    pub fn resume(fd: OwnedFd, params: SessionParams, opens: Option<OpenTable>) -> Result<Session, SessionError> {
+        if params.passthrough() && opens.is_none() {
+            return Err(SessionError::NoOpenTable);
+        }
+        Ok(Session {
             fd,
             params,
             stopping: AtomicBool::new(false),
@@ -221,7 +242,9 @@ impl Session {
             first_reply: FirstReply::default(),
             resent: AtomicU64::new(0),
             counts: OpcodeCounts::new(),
-        }
+            passthrough_opens: AtomicU64::new(0),
+            opens: opens.filter(|_| params.passthrough()),
+        })
     }
 
     /// Calls `hook` once, right after this session writes its first reply.
@@ -232,6 +255,11 @@ impl Session {
     /// Requests this session has read that carried the resend mark (bit 63 of `unique`).
     pub fn resent_requests(&self) -> u64 {
         self.resent.load(Ordering::Relaxed)
+    }
+
+    /// OPENs this session answered in passthrough mode.
+    pub fn passthrough_opens(&self) -> u64 {
+        self.passthrough_opens.load(Ordering::Relaxed)
     }
 
     /// Requests this session has read, and those it answered with an error, by opcode.
@@ -346,7 +374,31 @@ impl Session {
         send(self.fd.as_fd(), unique, error, body);
         self.first_reply.replied();
     }
+
+    /// FUSE_DEV_IOC_BACKING_OPEN: `file` becomes a backing file of this connection. The
+    /// kernel keeps its own reference; the id lives until [`Session::close_backing`].
+    fn register_backing(&self, file: &File) -> Option<u32> {
+        let map = abi::fuse_backing_map { fd: file.as_raw_fd(), flags: 0, padding: 0 };
+        // SAFETY: the fd is /dev/fuse's and `map` is the struct this ioctl reads.
+        match unsafe { backing_open(self.fd.as_raw_fd(), &map) } {
+            Ok(id) => u32::try_from(id).ok().filter(|&id| id != 0),
+            Err(errno) => {
+                warn!(%errno, "cannot register a backing file: this open goes through the page cache");
+                None
+            }
+        }
+    }
+
+    fn close_backing(&self, backing_id: u32) {
+        // SAFETY: the fd is /dev/fuse's and the argument is the u32 this ioctl reads.
+        if let Err(errno) = unsafe { backing_close(self.fd.as_raw_fd(), &backing_id) } {
+            warn!(%errno, backing_id, "cannot close a backing file");
+        }
+    }
 }
+
+nix::ioctl_write_ptr!(backing_open, 229, 1, abi::fuse_backing_map);
+nix::ioctl_write_ptr!(backing_close, 229, 2, u32);
 
 /// The kernel marks a request it queues again after FUSE_NOTIFY_RESEND with bit 63.
 const RESENT: u64 = 1 << 63;
@@ -433,7 +485,16 @@ fn dispatch(session: &Session, fs: &dyn Filesystem, request: Request<'_>) {
     let reply = Reply { session, unique: request.unique, opcode: request.opcode, answered: false };
     match request.op {
         Operation::Init(_) => reply.error(Errno::EPROTO),
-        Operation::Destroy | Operation::Release | Operation::Releasedir | Operation::Sync => reply.ok(&[]),
+        Operation::Release { fh } => {
+            if let Some(opens) = &session.opens {
+                if let Some(backing_id) = opens.release(node, fh) {
+                    session.close_backing(backing_id);
+                }
+                fs.released(node);
+            }
+            reply.ok(&[])
+        }
+        Operation::Destroy | Operation::Releasedir | Operation::Sync => reply.ok(&[]),
         Operation::Lookup { name } => reply.result(match fs.lookup(node, name) {
             Ok(entry) => Ok(reply::entry_out(&entry.attr).as_bytes().to_vec()),
             // The image never changes, so a name it lacks stays absent: a negative entry the
@@ -449,10 +510,22 @@ fn dispatch(session: &Session, fs: &dyn Filesystem, request: Request<'_>) {
             if flags & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32 {
                 return reply.error(Errno::EROFS);
             }
-            if params.opens_optional(false) {
-                return reply.error(Errno::ENOSYS);
-            }
-            reply.result(fs.open(node).map(|()| reply::open_out(abi::FOPEN_KEEP_CACHE)))
+            let Some(opens) = &session.opens else {
+                if params.opens_optional(false) {
+                    return reply.error(Errno::ENOSYS);
+                }
+                return reply.result(fs.open(node).map(|_| reply::open_out(abi::FOPEN_KEEP_CACHE)));
+            };
+            reply.result(fs.open(node).map(|opening| match opening {
+                Opening::Cached => reply::open_out(abi::FOPEN_KEEP_CACHE),
+                Opening::Passthrough { backing } => match opens.open(node, || backing.and_then(|file| session.register_backing(&file))) {
+                    OpenMode::Cached { fh } => reply::open_out_with(fh, abi::FOPEN_KEEP_CACHE, 0),
+                    OpenMode::Passthrough { fh, backing_id } => {
+                        session.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                        reply::open_out_with(fh, abi::FOPEN_PASSTHROUGH, backing_id)
+                    }
+                },
+            }))
         }
         Operation::Opendir if params.opens_optional(true) => reply.error(Errno::ENOSYS),
         Operation::Opendir => reply.result(fs.getattr(node).map(|_| reply::open_out(abi::FOPEN_KEEP_CACHE | abi::FOPEN_CACHE_DIR))),

@@ -22,6 +22,8 @@ pub struct MountArgs {
     pub prefetch_all: bool,
     pub readahead: u64,
     pub threads: Option<usize>,
+    pub passthrough_min: u64,
+    pub passthrough_cache: u64,
     /// How many -v were given.
     pub log_level: u8,
 }
@@ -90,6 +92,8 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
         progress: args.foreground && std::io::stderr().is_terminal(),
         owner_uid: nix::unistd::getuid().as_raw(),
         log_level: args.log_level,
+        passthrough_min: args.passthrough_min,
+        passthrough_budget: args.passthrough_cache,
     };
     phoenixfs_daemon::mount(MountConfig { spec, foreground: args.foreground })?;
     Ok(ExitCode::SUCCESS)

@@ -46,6 +46,7 @@ fn print(status: &Status) {
         println!("takeovers    last stalls (ms, oldest first): {}", stalls.join(" "));
     }
     println!("resent       {} requests resent by the kernel to this worker", status.resent_requests);
+    println!("passthrough  {} opens answered in passthrough mode by this worker", status.passthrough_opens);
     println!("fuse         7.{}{}", status.fuse_kernel_minor, if status.fuse_resend_supported { ", resend supported" } else { "" });
 }
 

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use nix::mount::{umount2, MntFlags};
 use nix::sys::signal::{SigSet, Signal};
-use phoenixfs_fuse::Session;
+use phoenixfs_fuse::{OpenTable, Session};
 use tracing::{info, warn};
 
 use super::control;
@@ -33,9 +33,9 @@ pub(crate) fn hold(spec: MountSpec, image_id: String, fds: SessionFds, ready: Op
         }
     };
     let started = (|| {
-        let SessionFds { fuse, image, chunks } = fds;
-        let session = Session::init(fuse)?;
-        let params = *session.params();
+        let SessionFds { fuse, image, chunks, .. } = fds;
+        let (fuse, params) = Session::init(fuse, spec.passthrough().is_some())?;
+        let opens = params.passthrough().then(OpenTable::create).transpose().map_err(|e| MountError::Io { what: "making the open-file table".into(), source: std::io::Error::other(e) })?;
         set_kernel_readahead(&mountpoint);
         let state = State {
             params,
@@ -54,7 +54,7 @@ pub(crate) fn hold(spec: MountSpec, image_id: String, fds: SessionFds, ready: Op
         for warning in &warnings {
             warn!("{warning}");
         }
-        let fds = SessionFds { fuse: session.into_fd(), image, chunks };
+        let fds = SessionFds { fuse, image, chunks, opens };
         let binary = current_exe()?;
         let control = control::bind(&mountpoint)?;
         let (channel, child) = start_with_handover(&binary, Role::Worker, &state, &fds)?;
@@ -87,6 +87,9 @@ fn warnings(state: &State) -> Vec<String> {
     let mut warnings = Vec::new();
     if !state.params.has_resend() {
         warnings.push("this kernel cannot resend FUSE requests (no FUSE_HAS_RESEND, Linux 6.9+): requests in flight when a worker dies may hang; upgrades still lose nothing".to_string());
+    }
+    if state.spec.passthrough().is_some() && !state.params.passthrough() {
+        warnings.push("this kernel offers no FUSE passthrough (Linux 6.9+, CONFIG_FUSE_PASSTHROUGH): every file is read through the FUSE page cache".to_string());
     }
     let sysctl = |name: &str| std::fs::read_to_string(format!("/proc/sys/fs/fuse/{name}")).ok().and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0);
     // The kernel's rule: the default applies, capped (or replaced when 0) by the maximum.
