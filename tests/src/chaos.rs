@@ -2,7 +2,7 @@
 //! mount, in a loop, while the mount's daemons are SIGKILLed or upgraded at random instants.
 //! Used by the end-to-end tests (CI-sized) and by `phoenixfs-chaos` (long runs, benchmarks).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read};
 use std::os::fd::AsRawFd;
@@ -571,6 +571,9 @@ pub struct Report {
     pub store_faults: usize,
     /// The longest single read(2) of a reader.
     pub worst_read_ms: f64,
+    /// Opens answered in passthrough mode, by all workers seen (each counts its own; one
+    /// killed between two looks loses what it answered since the first).
+    pub passthrough_opens: u64,
     pub elapsed: Duration,
 }
 
@@ -582,7 +585,7 @@ impl Report {
     pub fn summary(&self) -> String {
         let stall = |p| self.stall_percentile(p).map_or("-".into(), |ms| format!("{ms:.1} ms"));
         format!(
-            "worker kills {}, holder kills {}, upgrades {}, store faults {}; {} files, {} bytes verified in {:.1} s ({:.0} MiB/s), reader passes {:?}; errors {}, daemon errors {}, holders that died by themselves {}, resent after upgrades {}; stall median {}, p99 {}, worst {}; longest read(2) {:.0} ms",
+            "worker kills {}, holder kills {}, upgrades {}, store faults {}; {} files, {} bytes verified in {:.1} s ({:.0} MiB/s), reader passes {:?}; errors {}, daemon errors {}, holders that died by themselves {}, resent after upgrades {}; stall median {}, p99 {}, worst {}; longest read(2) {:.0} ms; passthrough opens {}",
             self.worker_kills,
             self.holder_kills,
             self.upgrades,
@@ -600,6 +603,7 @@ impl Report {
             stall(0.99),
             stall(1.0),
             self.worst_read_ms,
+            self.passthrough_opens,
         )
     }
 }
@@ -637,11 +641,17 @@ pub fn run_on(mount: &PhoenixMount, dataset: &Dataset, reader_bin: &Path, plan: 
     let mut upgraded = None;
     // Every holder pid seen: one more than the holder kills unless a holder died by itself.
     let mut holders = HashSet::new();
+    let mut passthrough_opens = HashMap::new();
+    let mut note_passthrough = |status: &Value| {
+        let opens = passthrough_opens.entry(pid_of(status, "pid")).or_insert(0);
+        *opens = status["passthrough_opens"].as_u64().unwrap_or(0).max(*opens);
+    };
     while event < plan.events || started.elapsed() < plan.min_duration {
         let (low, high) = plan.interval_ms;
         std::thread::sleep(Duration::from_millis(low + rng.next_u64() % (high - low + 1)));
         let status = current_status(mount);
         holders.insert(pid_of(&status, "holder_pid"));
+        note_passthrough(&status);
         count_resent_after_upgrade(&status, &mut upgraded, &mut report);
         match plan.victim {
             Victim::Nobody => {}
@@ -663,6 +673,8 @@ pub fn run_on(mount: &PhoenixMount, dataset: &Dataset, reader_bin: &Path, plan: 
     report.elapsed = started.elapsed();
     let status = current_status(mount);
     holders.insert(pid_of(&status, "holder_pid"));
+    note_passthrough(&status);
+    report.passthrough_opens = passthrough_opens.values().sum();
     report.holder_deaths_unasked = holders.len().saturating_sub(report.holder_kills + 1);
     report.daemon_errors = status["errors"].as_u64().unwrap_or(0);
     assert_eq!(status["worker_restarts"].as_u64(), Some(report.worker_kills as u64), "every worker kill is one restart");

@@ -1,7 +1,8 @@
 //! The chaos tests, CI-sized: four reader processes (read(2), mmap, a directory walker that
 //! stats everything) check every byte of a ≥ 1 GiB image through a mount that starts with an
 //! empty cache, while the worker, the holder, both in turn, upgrades, or all three hit it at
-//! random instants 10-500 ms apart. Pass: zero errors of any kind, zero wrong bytes.
+//! random instants 10-500 ms apart. Pass: zero errors of any kind, zero wrong bytes; files
+//! read whole by then are opened in passthrough mode (at least one such open).
 //! The same for worker kills on a /usr-shaped image of 114,000 entries, where no takeover
 //! may stall the readers for a second. Longer runs: scripts/chaos; what takeovers cost:
 //! scripts/bench-takeover.
@@ -49,6 +50,9 @@ fn chaos_run_on(make_dataset: fn() -> Dataset, victim: Victim, events: usize, na
     assert!(report.bytes_verified >= 3 * dataset.bytes, "{} bytes verified", report.bytes_verified);
     assert!(report.files_verified >= 4 * dataset.files as u64, "{} files verified", report.files_verified);
     assert!(report.reader_passes.iter().all(|&passes| passes >= 1), "passes per reader: {:?}", report.reader_passes);
+    // Files read whole before are opened in passthrough mode: the open-file table and the
+    // backing files are under fire too.
+    assert!(report.passthrough_opens > 0, "no open was answered in passthrough mode");
     report
 }
 
