@@ -165,9 +165,12 @@ const STOP_SIGNAL: Signal = Signal::SIGUSR1;
 extern "C" fn interrupt_read(_: libc::c_int) {}
 
 /// Capabilities we take when the kernel offers them.
+///
+/// Not FUSE_READDIRPLUS_AUTO: with it the kernel asks for attributes only with a directory's
+/// first batch of entries and then LOOKUPs every later entry one by one (a `find` of 24,119
+/// entries sent 21,396 LOOKUPs); our attributes cost nothing to give, so every batch has them.
 const WANTED_FLAGS: u64 = abi::FUSE_ASYNC_READ as u64
     | abi::FUSE_DO_READDIRPLUS as u64
-    | abi::FUSE_READDIRPLUS_AUTO as u64
     | abi::FUSE_MAX_PAGES as u64
     | abi::FUSE_CACHE_SYMLINKS as u64
     | abi::FUSE_PARALLEL_DIROPS as u64
