@@ -128,6 +128,7 @@ pub struct Session {
     resent: AtomicU64,
     counts: OpcodeCounts,
     passthrough_opens: AtomicU64,
+    backing_refused: AtomicBool,
     /// Which files are open in which mode, when the session negotiated passthrough.
     opens: Option<OpenTable>,
 }
@@ -246,6 +247,7 @@ impl Session {
             resent: AtomicU64::new(0),
             counts: OpcodeCounts::new(),
             passthrough_opens: AtomicU64::new(0),
+            backing_refused: AtomicBool::new(false),
             opens: opens.filter(|_| params.passthrough()),
         })
     }
@@ -386,7 +388,11 @@ impl Session {
         match unsafe { backing_open(self.fd.as_raw_fd(), &map) } {
             Ok(id) => u32::try_from(id).ok().filter(|&id| id != 0),
             Err(errno) => {
-                warn!(%errno, "cannot register a backing file: this open goes through the page cache");
+                // Once: a cache directory the kernel refuses (on a stacked file system, say)
+                // would refuse every copy.
+                if !self.backing_refused.swap(true, Ordering::Relaxed) {
+                    warn!(%errno, "the kernel refuses a passthrough copy as a backing file: such opens go through the page cache");
+                }
                 None
             }
         }
