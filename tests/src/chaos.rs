@@ -623,7 +623,9 @@ pub fn run(dataset: &Dataset, reader_bin: &Path, plan: &Plan, cache: &Path) -> R
     if cache.exists() {
         fs::remove_dir_all(cache).expect("emptying the cache");
     }
-    let mount = PhoenixMount::new(&dataset.image, &dataset.store, cache, &[]);
+    // Passthrough on whatever the image (`auto` would leave it off for these, mostly small
+    // files): its open-file table and backing files are under fire too.
+    let mount = PhoenixMount::new(&dataset.image, &dataset.store, cache, &["--passthrough", "on"]);
     run_on(&mount, dataset, reader_bin, plan)
 }
 

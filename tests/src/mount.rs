@@ -50,6 +50,17 @@ impl PhoenixMount {
         Self::status_of(self.path())
     }
 
+    /// The worker's pid once a worker other than `old` answers status (a takeover may leave
+    /// status unanswered for a moment); and when it did.
+    pub fn next_worker(&self, old: u32) -> (u32, Instant) {
+        crate::wait_until(Duration::from_secs(30), &format!("a new worker after {old}"), || {
+            let out = phoenixfs().arg("status").arg(self.path()).arg("--json").output().unwrap();
+            let all: serde_json::Value = serde_json::from_slice(&out.stdout).ok().filter(|_| out.status.success())?;
+            let pid = all[0]["pid"].as_u64()? as u32;
+            (pid != old).then(|| (pid, Instant::now()))
+        })
+    }
+
     /// The worker serving requests now.
     pub fn worker_pid(&self) -> u32 {
         self.status()["pid"].as_u64().expect("worker pid") as u32

@@ -19,16 +19,6 @@ use phoenixfs_tests::trees::noise;
 use phoenixfs_tests::{assert_one_line_error, build_image, fixture_dir, phoenixfs_bin, wait_until};
 use sha2::{Digest, Sha256};
 
-/// The worker's pid once a worker other than `old` answers status; and when it did.
-fn next_worker(mount: &PhoenixMount, old: u32) -> (u32, Instant) {
-    wait_until(Duration::from_secs(30), &format!("a new worker after killing {old}"), || {
-        let out = phoenixfs_tests::phoenixfs().arg("status").arg(mount.path()).arg("--json").output().unwrap();
-        let all: serde_json::Value = serde_json::from_slice(&out.stdout).ok().filter(|_| out.status.success())?;
-        let pid = all[0]["pid"].as_u64().unwrap() as u32;
-        (pid != old).then(|| (pid, Instant::now()))
-    })
-}
-
 /// A child of the holder other than `worker` (its oldest standby), once there is one.
 fn standby_of(holder: i32, worker: u32) -> i32 {
     wait_until(Duration::from_secs(30), &format!("a standby beside worker {worker}"), || children_of(holder).into_iter().find(|&pid| pid != worker as i32))
@@ -50,7 +40,7 @@ fn a_prepared_standby_takes_over_when_the_worker_dies() {
     std::thread::sleep(Duration::from_secs(2));
     kill(Pid::from_raw(worker as i32), Signal::SIGKILL).unwrap();
     assert!(fs::read(mount.path().join("file")).unwrap() == data);
-    let (new, _) = next_worker(&mount, worker);
+    let (new, _) = mount.next_worker(worker);
     assert_eq!(new, standby as u32, "the standby took over");
     let status = mount.status();
     assert_eq!(status["worker_restarts"].as_u64(), Some(1), "{status}");
@@ -118,7 +108,7 @@ fn a_request_the_killed_worker_held_is_answered_by_the_next() {
     let held = HeldRead::start("failover-resend");
     let first = held.mount.worker_pid();
     kill(Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
-    next_worker(&held.mount, first);
+    held.mount.next_worker(first);
     std::thread::sleep(Duration::from_millis(200));
     let mount = held.feed_and_check();
     let status = mount.status();
@@ -236,7 +226,7 @@ fn a_worker_killed_during_a_slow_upgrade_is_replaced_at_once() {
     let upgrade = std::thread::spawn(move || phoenixfs_tests::run(phoenixfs_tests::phoenixfs().arg("upgrade").arg(mountpoint).arg("--binary").arg(binary)));
     std::thread::sleep(Duration::from_millis(500));
     kill(Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
-    next_worker(&mount, first);
+    mount.next_worker(first);
     assert!(!upgrade.is_finished(), "the replacement serves before the slow upgrade is done");
     assert!(fs::read(mount.path().join("file")).unwrap() == data);
 

@@ -41,6 +41,11 @@ fn copies(cache: &Path) -> Vec<u64> {
     entries.filter_map(Result::ok).filter(|e| !e.file_name().to_string_lossy().starts_with('.')).map(|e| e.metadata().unwrap().len()).collect()
 }
 
+/// The kernel sends RELEASE after close(2) has returned: waits until the daemon had `count`.
+fn wait_for_releases(mount: &PhoenixMount, count: u64) {
+    wait_until(Duration::from_secs(20), "the RELEASEs", || (mount.status()["requests_by_opcode"]["release"].as_u64() >= Some(count)).then_some(()));
+}
+
 fn passthrough_opens(mount: &PhoenixMount) -> u64 {
     mount.status()["passthrough_opens"].as_u64().expect("passthrough_opens in status")
 }
@@ -56,7 +61,7 @@ fn a_file_read_whole_is_then_opened_in_passthrough_mode_and_never_in_two_modes()
     let store = root.join("store");
     let (image, _) = build_image(&src, &store, &root, &[]);
     let cache = root.join("cache");
-    let mount = PhoenixMount::new(&image, &store, &cache, &[]);
+    let mount = PhoenixMount::new(&image, &store, &cache, &["--passthrough", "on"]);
     let path = mount.path().join("large");
 
     // Read whole through the page cache, the file kept open: a second open finds every
@@ -70,6 +75,7 @@ fn a_file_read_whole_is_then_opened_in_passthrough_mode_and_never_in_two_modes()
     assert_eq!(mapped(&third, large.len()), large);
     assert_eq!(passthrough_opens(&mount), 0, "no passthrough open while the file is open cached");
     drop((first, second, third));
+    wait_for_releases(&mount, 4);
 
     // Closed: now in passthrough mode, two at once (one backing file for both).
     let one = File::open(&path).unwrap();
@@ -81,7 +87,7 @@ fn a_file_read_whole_is_then_opened_in_passthrough_mode_and_never_in_two_modes()
     // A new worker knows the backing file the dead one registered while files use it.
     let worker = mount.worker_pid();
     kill(Pid::from_raw(worker as i32), Signal::SIGKILL).unwrap();
-    wait_until(Duration::from_secs(20), "a new worker", || (mount.worker_pid() != worker).then_some(()));
+    mount.next_worker(worker);
     let three = File::open(&path).expect("a passthrough open after the worker's death");
     assert_eq!(passthrough_opens(&mount), 1, "the new worker answered it in passthrough mode");
     assert_eq!(mapped(&three, large.len()), large);
@@ -108,7 +114,7 @@ fn a_copy_deleted_while_in_use_is_made_again() {
     let store = root.join("store");
     let (image, _) = build_image(&src, &store, &root, &[]);
     let cache = root.join("cache");
-    let mount = PhoenixMount::new(&image, &store, &cache, &[]);
+    let mount = PhoenixMount::new(&image, &store, &cache, &["--passthrough", "on"]);
     let path = mount.path().join("file");
     assert_eq!(read_all(&path), data);
     wait_until(Duration::from_secs(20), "the copy", || (copies(&cache).len() == 1).then_some(()));
@@ -123,4 +129,31 @@ fn a_copy_deleted_while_in_use_is_made_again() {
     drop((open, another));
     wait_until(Duration::from_secs(20), "the copy made again", || (copies(&cache).len() == 1).then_some(()));
     assert_eq!(read_all(&path), data);
+}
+
+/// `--passthrough auto` (the default) leaves it off for an image of mostly small files: every
+/// open would cost a round trip for the few large ones.
+#[test]
+fn auto_leaves_passthrough_off_for_an_image_of_mostly_small_files() {
+    let root = fixture_dir("passthrough-auto");
+    let src = root.join("src");
+    fs::create_dir_all(&src).unwrap();
+    let large = noise(10, 2 * MIB);
+    fs::write(src.join("large"), &large).unwrap();
+    for i in 0..4 {
+        fs::write(src.join(format!("small{i}")), noise(20 + i, 5000)).unwrap();
+    }
+    let store = root.join("store");
+    let (image, _) = build_image(&src, &store, &root, &[]);
+    let cache = root.join("cache");
+    let mount = PhoenixMount::new(&image, &store, &cache, &[]);
+    let path = mount.path().join("large");
+    for _ in 0..3 {
+        assert_eq!(read_all(&path), large);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(passthrough_opens(&mount), 0);
+    assert!(copies(&cache).is_empty(), "no copy made");
+    let requests = mount.status()["requests_by_opcode"].clone();
+    assert!(requests.get("open").is_none_or(|n| n.as_u64() <= Some(1)), "opens cost no round trip: {requests}");
 }

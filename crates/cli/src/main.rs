@@ -116,9 +116,14 @@ enum Command {
         /// Threads serving FUSE requests [default: twice the cores, at least 4].
         #[arg(long)]
         threads: Option<usize>,
-        /// Files at least this large, once all their chunks are cached, are copied whole into
-        /// the cache directory and read by the kernel from there (FUSE passthrough, Linux
-        /// 6.9+), as fast as the disk file system's page cache (0: never).
+        /// Files at least --passthrough-min large, once all their chunks are cached, are copied
+        /// whole into the cache directory and read by the kernel from there (FUSE passthrough,
+        /// Linux 6.9+), as fast as the disk file system's page cache; but then every open of
+        /// any file is a round trip to the daemon. `auto`: when at least a quarter of the
+        /// image's files are that large (models, data set shards; not a container's /usr).
+        #[arg(long, value_enum, default_value = "auto")]
+        passthrough: commands::mount::Passthrough,
+        /// See --passthrough.
         #[arg(long, default_value = "1M", value_parser = commands::build::parse_size)]
         passthrough_min: u64,
         /// Size limit of those copies [default: a quarter of --cache-size] (0: no passthrough).
@@ -233,7 +238,7 @@ fn main() -> ExitCode {
                 log_level: cli.verbose,
             })
         }
-        Command::Mount { image, mountpoint, store, fetch_deadline, cache, cache_size, memory_cache, foreground, prefetch, prefetch_all, readahead, threads, passthrough_min, passthrough_cache, .. } => {
+        Command::Mount { image, mountpoint, store, fetch_deadline, cache, cache_size, memory_cache, foreground, prefetch, prefetch_all, readahead, threads, passthrough, passthrough_min, passthrough_cache, .. } => {
             commands::mount::run(commands::mount::MountArgs {
                 image,
                 mountpoint,
@@ -247,6 +252,7 @@ fn main() -> ExitCode {
                 prefetch_all,
                 readahead,
                 threads,
+                passthrough,
                 passthrough_min,
                 passthrough_cache: passthrough_cache.unwrap_or(cache_size / 4),
                 log_level: cli.verbose,

@@ -4,7 +4,7 @@
 //! link to the phoenixfs binary (the install step makes it), which turns the options into a
 //! `phoenixfs mount` command line. Options are the mount's long flags, with `_` or `-`:
 //! `store=URL` (again for mirrors), `cache=DIR`, `cache_size=10G`, `memory_cache=256M`,
-//! `fetch_deadline=30s`, `readahead=16M`, `threads=N`, `passthrough_min=1M`, `passthrough_cache=2G`, `prefetch=LIST`, `prefetch_all`,
+//! `fetch_deadline=30s`, `readahead=16M`, `threads=N`, `passthrough=auto|on|off`, `passthrough_min=1M`, `passthrough_cache=2G`, `prefetch=LIST`, `prefetch_all`,
 //! `fscache`, `domain=NAME`, `fscache_dir=DIR`. The options mount(8) and systemd add for
 //! themselves (`defaults`, `noauto`, `nofail`, `_netdev`, `x-*`, `ro`/`rw`, `nosuid`, ...) are
 //! accepted and have no effect (a phoenixfs mount is read-only, `nosuid`-free and `nodev`-free
@@ -13,7 +13,7 @@
 /// The file name mount(8) looks for.
 pub const HELPER_NAME: &str = "mount.fuse.phoenixfs";
 
-const WITH_VALUE: &[&str] = &["store", "cache", "cache-size", "memory-cache", "fetch-deadline", "readahead", "threads", "passthrough-min", "passthrough-cache", "prefetch", "domain", "fscache-dir"];
+const WITH_VALUE: &[&str] = &["store", "cache", "cache-size", "memory-cache", "fetch-deadline", "readahead", "threads", "passthrough", "passthrough-min", "passthrough-cache", "prefetch", "domain", "fscache-dir"];
 const FLAGS: &[&str] = &["prefetch-all", "fscache"];
 const FOR_MOUNT_ITSELF: &[&str] = &[
     "defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group", "nofail", "_netdev", "ro", "rw", "suid", "nosuid", "dev", "nodev", "exec",

@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
-use phoenixfs_format::{ImageBytes, ImageFile, ImageId};
+use phoenixfs_format::{ImageBytes, ImageFile, ImageId, InodeKind};
 use phoenixfs_store::{load_image, ChunkStore, Patient};
+use tracing::info;
 
 use crate::error::MountError;
 use crate::spec::MountSpec;
@@ -27,12 +28,28 @@ pub(crate) const MOUNT_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Loads and fully verifies the image `spec` names, and seals a copy of its bytes into a
 /// memfd. Returns the memfd, the image's id and its chunk size.
-pub(crate) fn load_and_seal(spec: &MountSpec) -> Result<(OwnedFd, ImageId, usize), MountError> {
+/// Resolves `--passthrough auto` against the image on the way.
+pub(crate) fn load_and_seal(spec: &mut MountSpec) -> Result<(OwnedFd, ImageId, usize), MountError> {
     let store = Patient::new(spec.open_store()?, MOUNT_PATIENCE);
     let image = load_image(&spec.image, Some(&store))?;
     probe_store(&store, &image)?;
+    if spec.passthrough_auto && !passthrough_worth_it(&image, spec.passthrough_min) {
+        info!("passthrough off: fewer than a quarter of the image's files are large enough for it");
+        spec.passthrough_budget = 0;
+    }
     let fd = seal(image.bytes()).map_err(|source| MountError::Io { what: "copying the image into memory".into(), source })?;
     Ok((fd, image.id, image.table.chunk_size() as usize))
+}
+
+/// Whether at least a quarter of the image's regular files are `min_size` or larger: passthrough
+/// costs every open of every file a round trip to the daemon (the kernel sends no OPEN without
+/// it), which only pays where large files are the rule (models, data set shards), not in a
+/// tree of many small files such as a container's `/usr`.
+fn passthrough_worth_it(image: &ImageFile, min_size: u64) -> bool {
+    let Ok(entries) = image.bootstrap.walk() else { return false };
+    let files: Vec<u64> = entries.iter().filter(|(_, inode)| inode.kind == InodeKind::File).map(|(_, inode)| inode.size()).collect();
+    let large = files.iter().filter(|&&size| size >= min_size).count();
+    min_size > 0 && large > 0 && large * 4 >= files.len()
 }
 
 /// Asks the store for the image's first chunk, so that a store that is wrong or down is a

@@ -56,7 +56,7 @@ pub fn mount(config: MountConfig) -> Result<(), MountError> {
     let mut spec = config.spec;
     let mountpoint = preflight(&spec.mountpoint)?;
     spec.mountpoint = mountpoint.clone();
-    let (image, image_id, chunk_size) = image_memory::load_and_seal(&spec)?;
+    let (image, image_id, chunk_size) = image_memory::load_and_seal(&mut spec)?;
     // Chunk memory that outlives workers: a new one starts warm.
     let chunks = (spec.memory_limit > 0).then(|| SharedChunks::create(spec.memory_limit, chunk_size)).transpose()?;
     let fuse = phoenixfs_fuse::mount(&mountpoint, &MountOptions { source: spec.image.clone(), allow_other: spec.allow_other })?;

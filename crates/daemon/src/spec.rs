@@ -55,6 +55,9 @@ pub struct MountSpec {
     /// Bytes of passthrough copies kept in the cache directory (0: no passthrough).
     #[serde(default)]
     pub passthrough_budget: u64,
+    /// Passthrough only if the image's files are mostly large (decided when mounting).
+    #[serde(default)]
+    pub passthrough_auto: bool,
 }
 
 impl MountSpec {
@@ -100,6 +103,7 @@ impl MountSpec {
             log_level: 1,
             passthrough_min: 1 << 20,
             passthrough_budget: 1 << 30,
+            passthrough_auto: false,
         }
     }
 }

@@ -8,6 +8,15 @@ use phoenixfs_daemon::{query_status, MountConfig, MountSpec, Prefetch, Unmounted
 use phoenixfs_store::{LocalStore, StoreUrl};
 
 
+/// When files are opened in passthrough mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Passthrough {
+    /// When at least a quarter of the image's files are --passthrough-min or larger.
+    Auto,
+    On,
+    Off,
+}
+
 pub struct MountArgs {
     pub image: String,
     pub mountpoint: PathBuf,
@@ -24,6 +33,7 @@ pub struct MountArgs {
     pub threads: Option<usize>,
     pub passthrough_min: u64,
     pub passthrough_cache: u64,
+    pub passthrough: Passthrough,
     /// How many -v were given.
     pub log_level: u8,
 }
@@ -93,7 +103,8 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
         owner_uid: nix::unistd::getuid().as_raw(),
         log_level: args.log_level,
         passthrough_min: args.passthrough_min,
-        passthrough_budget: args.passthrough_cache,
+        passthrough_budget: if args.passthrough == Passthrough::Off { 0 } else { args.passthrough_cache },
+        passthrough_auto: args.passthrough == Passthrough::Auto,
     };
     phoenixfs_daemon::mount(MountConfig { spec, foreground: args.foreground })?;
     Ok(ExitCode::SUCCESS)
