@@ -1,8 +1,9 @@
 //! The chaos tests, CI-sized: four reader processes (read(2), mmap, a directory walker that
 //! stats everything) check every byte of a ≥ 1 GiB image through a mount that starts with an
 //! empty cache, while the worker, the holder, both in turn, upgrades, or all three hit it at
-//! random instants 10-500 ms apart. Pass: zero errors of any kind, zero wrong bytes; files
-//! read whole by then are opened in passthrough mode (at least one such open).
+//! random instants 10-500 ms apart. Pass: zero errors of any kind, zero wrong bytes. The
+//! mounts run with `--passthrough on`, and the files of 1-8 MiB are read once before the
+//! readers start, so that they open those in passthrough mode (at least one such open).
 //! The same for worker kills on a /usr-shaped image of 114,000 entries, where no takeover
 //! may stall the readers for a second. Longer runs: scripts/chaos; what takeovers cost:
 //! scripts/bench-takeover.

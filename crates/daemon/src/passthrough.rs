@@ -7,8 +7,9 @@
 //! place, so a name always holds a whole, verified copy. The kernel reads a copy without us,
 //! so a copy is trusted as the kernel trusts its own disk file systems. The key is the sha256
 //! of the file's layout and chunk digests: identical files of any image share one copy.
-//! Copies have a size budget of their own; the least recently opened go first. Deleting a
-//! copy the kernel still reads is harmless: it keeps the file until its last reader closes.
+//! Copies have a size budget of their own; the oldest go first (an open writes nothing: a
+//! metadata write on the open path waits behind the disk's journal). Deleting a copy the
+//! kernel still reads is harmless: it keeps the file until its last reader closes.
 
 use std::collections::{HashSet, VecDeque};
 use std::fs::{self, File};
@@ -76,11 +77,7 @@ impl PassthroughFiles {
     pub fn opening(&self, inode: &Inode) -> Opening {
         let Some(copy) = self.shared.copy_of(inode) else { return Opening::Cached };
         match File::open(&copy.path) {
-            Ok(file) => {
-                // Least recently opened copies go first.
-                let _ = file.set_modified(SystemTime::now());
-                Opening::Passthrough { backing: Some(file) }
-            }
+            Ok(file) => Opening::Passthrough { backing: Some(file) },
             Err(_) => {
                 self.shared.ask_for(inode, copy);
                 Opening::Passthrough { backing: None }
@@ -201,7 +198,7 @@ impl Shared {
         written.map(|()| true)
     }
 
-    /// Removes the least recently opened copies (never `keep`) until the rest fit the budget.
+    /// Removes the oldest copies (never `keep`) until the rest fit the budget.
     fn keep_budget(&self, keep: &Path) {
         let Ok(entries) = fs::read_dir(&self.dir) else { return };
         let mut copies: Vec<(SystemTime, u64, PathBuf)> = entries
