@@ -7,7 +7,7 @@
 use std::fs::{self, File};
 use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
@@ -22,6 +22,21 @@ fn read_all(path: &Path) -> Vec<u8> {
     let mut data = Vec::new();
     File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display())).read_to_end(&mut data).unwrap();
     data
+}
+
+/// An image of `files` (name, bytes) built under the fixture `name`, mounted with `options`
+/// and an empty cache; and that cache's directory.
+fn mounted(name: &str, files: &[(&str, &[u8])], options: &[&str]) -> (PhoenixMount, PathBuf) {
+    let root = fixture_dir(name);
+    let src = root.join("src");
+    fs::create_dir_all(&src).unwrap();
+    for (file, data) in files {
+        fs::write(src.join(file), data).unwrap();
+    }
+    let store = root.join("store");
+    let (image, _) = build_image(&src, &store, &root, &[]);
+    let cache = root.join("cache");
+    (PhoenixMount::new(&image, &store, &cache, options), cache)
 }
 
 /// The whole file through a read-only shared mapping of `file`.
@@ -52,16 +67,8 @@ fn passthrough_opens(mount: &PhoenixMount) -> u64 {
 
 #[test]
 fn a_file_read_whole_is_then_opened_in_passthrough_mode_and_never_in_two_modes() {
-    let root = fixture_dir("passthrough-modes");
-    let src = root.join("src");
-    fs::create_dir_all(&src).unwrap();
     let (large, small) = (noise(7, 3 * MIB + 12_345), noise(8, 600_000));
-    fs::write(src.join("large"), &large).unwrap();
-    fs::write(src.join("small"), &small).unwrap();
-    let store = root.join("store");
-    let (image, _) = build_image(&src, &store, &root, &[]);
-    let cache = root.join("cache");
-    let mount = PhoenixMount::new(&image, &store, &cache, &["--passthrough", "on"]);
+    let (mount, cache) = mounted("passthrough-modes", &[("large", &large), ("small", &small)], &["--passthrough", "on"]);
     let path = mount.path().join("large");
 
     // Read whole through the page cache, the file kept open: a second open finds every
@@ -106,15 +113,8 @@ fn a_file_read_whole_is_then_opened_in_passthrough_mode_and_never_in_two_modes()
 /// keep reading it, new opens share its registration, and once all are closed it is made again.
 #[test]
 fn a_copy_deleted_while_in_use_is_made_again() {
-    let root = fixture_dir("passthrough-deleted");
-    let src = root.join("src");
-    fs::create_dir_all(&src).unwrap();
     let data = noise(9, 2 * MIB + 1);
-    fs::write(src.join("file"), &data).unwrap();
-    let store = root.join("store");
-    let (image, _) = build_image(&src, &store, &root, &[]);
-    let cache = root.join("cache");
-    let mount = PhoenixMount::new(&image, &store, &cache, &["--passthrough", "on"]);
+    let (mount, cache) = mounted("passthrough-deleted", &[("file", &data)], &["--passthrough", "on"]);
     let path = mount.path().join("file");
     assert_eq!(read_all(&path), data);
     wait_until(Duration::from_secs(20), "the copy", || (copies(&cache).len() == 1).then_some(()));
@@ -135,18 +135,11 @@ fn a_copy_deleted_while_in_use_is_made_again() {
 /// open would cost a round trip for the few large ones.
 #[test]
 fn auto_leaves_passthrough_off_for_an_image_of_mostly_small_files() {
-    let root = fixture_dir("passthrough-auto");
-    let src = root.join("src");
-    fs::create_dir_all(&src).unwrap();
     let large = noise(10, 2 * MIB);
-    fs::write(src.join("large"), &large).unwrap();
-    for i in 0..4 {
-        fs::write(src.join(format!("small{i}")), noise(20 + i, 5000)).unwrap();
-    }
-    let store = root.join("store");
-    let (image, _) = build_image(&src, &store, &root, &[]);
-    let cache = root.join("cache");
-    let mount = PhoenixMount::new(&image, &store, &cache, &[]);
+    let smalls: Vec<(String, Vec<u8>)> = (0..4).map(|i| (format!("small{i}"), noise(20 + i, 5000))).collect();
+    let mut files: Vec<(&str, &[u8])> = smalls.iter().map(|(name, data)| (name.as_str(), data.as_slice())).collect();
+    files.push(("large", &large));
+    let (mount, cache) = mounted("passthrough-auto", &files, &[]);
     let path = mount.path().join("large");
     for _ in 0..3 {
         assert_eq!(read_all(&path), large);

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use phoenixfs_cache::CacheError;
 use phoenixfs_cachefiles::DeviceError;
 use phoenixfs_fuse::session::SessionError;
+use phoenixfs_fuse::OpenTableError;
 use phoenixfs_store::{ImageLoadError, StoreError};
 use thiserror::Error;
 
@@ -23,6 +24,8 @@ pub enum MountError {
     Cache(#[from] CacheError),
     #[error("{0}")]
     Session(#[from] SessionError),
+    #[error(transparent)]
+    OpenTable(#[from] OpenTableError),
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
     #[error(transparent)]

@@ -47,9 +47,12 @@ pub(crate) fn load_and_seal(spec: &mut MountSpec) -> Result<(OwnedFd, ImageId, u
 /// tree of many small files such as a container's `/usr`.
 fn passthrough_worth_it(image: &ImageFile, min_size: u64) -> bool {
     let Ok(entries) = image.bootstrap.walk() else { return false };
-    let files: Vec<u64> = entries.iter().filter(|(_, inode)| inode.kind == InodeKind::File).map(|(_, inode)| inode.size()).collect();
-    let large = files.iter().filter(|&&size| size >= min_size).count();
-    min_size > 0 && large > 0 && large * 4 >= files.len()
+    let (mut files, mut large) = (0, 0);
+    for (_, inode) in entries.iter().filter(|(_, inode)| inode.kind == InodeKind::File) {
+        files += 1;
+        large += usize::from(inode.size() >= min_size);
+    }
+    large > 0 && large * 4 >= files
 }
 
 /// Asks the store for the image's first chunk, so that a store that is wrong or down is a

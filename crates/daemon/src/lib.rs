@@ -14,7 +14,7 @@
 //! cache or the store (and a panic anyway ends the worker, which is then replaced).
 //!
 //! Modules depend one way: `mount` → `holder` → `handover` → `spec`; `worker` → `holder`'s
-//! launcher; `metrics` reads `status` and `mounttable`; `os`, `error`, `histogram`, `mounttable` and `status`
+//! launcher; `metrics` reads `status` and `mounttable`; `os`, `error`, `histogram`, `mounttable`, `work_queue` and `status`
 //! are leaves.
 
 mod error;
@@ -34,6 +34,7 @@ mod passthrough;
 mod readahead;
 mod spec;
 mod status;
+mod work_queue;
 mod worker;
 
 pub use error::{MountError, StartError};

@@ -11,12 +11,11 @@
 //! metadata write on the open path waits behind the disk's journal). Deleting a copy the
 //! kernel still reads is harmless: it keeps the file until its last reader closes.
 
-use std::collections::{HashSet, VecDeque};
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use phoenixfs_cache::ChunkCache;
@@ -27,6 +26,7 @@ use sha2::{Digest as _, Sha256};
 use tracing::{debug, warn};
 
 use crate::os::lowest_priority_for_this_thread;
+use crate::work_queue::WorkQueue;
 
 /// A half-written copy untouched this long was left by a killed process.
 const ABANDONED_AFTER: Duration = Duration::from_secs(600);
@@ -46,8 +46,8 @@ struct Shared {
     cache: Arc<ChunkCache>,
     dir: PathBuf,
     config: PassthroughConfig,
-    queue: Mutex<(VecDeque<Inode>, HashSet<[u8; 32]>)>,
-    wake: Condvar,
+    /// Files to copy, by their copy's key.
+    queue: WorkQueue<[u8; 32], Inode>,
 }
 
 pub struct PassthroughFiles {
@@ -65,7 +65,7 @@ impl PassthroughFiles {
     pub fn new(image: Arc<ImageFile>, store: Arc<dyn ChunkStore>, cache: Arc<ChunkCache>, config: PassthroughConfig) -> io::Result<Self> {
         let dir = cache.dir().join("files");
         fs::create_dir_all(&dir)?;
-        let shared = Arc::new(Shared { image, store, cache, dir, config, queue: Mutex::default(), wake: Condvar::new() });
+        let shared = Arc::new(Shared { image, store, cache, dir, config, queue: WorkQueue::new(MAX_QUEUED) });
         let worker = shared.clone();
         std::thread::Builder::new().name("passthrough-copies".into()).spawn(move || worker.run())?;
         Ok(PassthroughFiles { shared })
@@ -123,27 +123,18 @@ impl Shared {
     }
 
     fn ask_for(&self, inode: &Inode, copy: CopyName) {
-        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        if queue.0.len() < MAX_QUEUED && queue.1.insert(copy.key) {
-            queue.0.push_back(inode.clone());
-            self.wake.notify_one();
-        }
+        self.queue.push(copy.key, inode.clone());
     }
 
     fn run(&self) {
         lowest_priority_for_this_thread();
         remove_abandoned_copies(&self.dir);
         loop {
-            let inode = {
-                let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-                loop {
-                    if let Some(inode) = queue.0.pop_front() {
-                        break inode;
-                    }
-                    queue = self.wake.wait(queue).unwrap_or_else(|p| p.into_inner());
-                }
+            let (key, inode) = self.queue.pop();
+            let Some(copy) = self.copy_of(&inode) else {
+                self.queue.done(&key);
+                continue;
             };
-            let Some(copy) = self.copy_of(&inode) else { continue };
             match self.make(&inode, &copy.path) {
                 Ok(true) => {
                     debug!(nid = inode.nid, size = inode.size(), copy = %copy.path.display(), "passthrough copy made");
@@ -152,7 +143,7 @@ impl Shared {
                 Ok(false) => {}
                 Err(error) => warn!(nid = inode.nid, %error, "cannot make a passthrough copy"),
             }
-            self.queue.lock().unwrap_or_else(|p| p.into_inner()).1.remove(&copy.key);
+            self.queue.done(&key);
         }
     }
 

@@ -3,13 +3,15 @@
 //! memory. The sequential-read hint (where each file's last read
 //! ended) is a performance guess only; losing it with the process loses nothing.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Condvar, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use phoenixfs_cache::ChunkCache;
-use phoenixfs_format::{ExtentTarget, ImageFile, Inode, Nid};
+use phoenixfs_format::{ChunkEntry, ExtentTarget, ImageFile, Inode, Nid};
 use phoenixfs_store::ChunkStore;
 use tracing::debug;
+
+use crate::work_queue::WorkQueue;
 
 /// Chunks fetched at once: enough to hide a remote store's latency (16 MiB of 1 MiB chunks).
 const THREADS: usize = 16;
@@ -21,8 +23,8 @@ struct Shared {
     store: Arc<dyn ChunkStore>,
     cache: Arc<ChunkCache>,
     window: u64,
-    queue: Mutex<(VecDeque<usize>, HashSet<usize>)>,
-    wake: Condvar,
+    /// Chunks to fetch, by index.
+    queue: WorkQueue<usize, ChunkEntry>,
     last_end: Mutex<HashMap<Nid, u64>>,
 }
 
@@ -41,8 +43,7 @@ impl Readahead {
             store,
             cache,
             window,
-            queue: Mutex::new((VecDeque::new(), HashSet::new())),
-            wake: Condvar::new(),
+            queue: WorkQueue::new(usize::MAX),
             last_end: Mutex::new(HashMap::new()),
         });
         for i in 0..THREADS {
@@ -96,34 +97,21 @@ impl Shared {
 
     /// Queues the chunks holding these blob offsets, unless in memory or queued already.
     fn enqueue(&self, blob_offsets: impl Iterator<Item = u64>) {
-        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         for offset in blob_offsets {
             let Ok(chunk) = self.image.table.locate(offset) else { continue };
-            if !self.cache.in_memory(&chunk.entry) && queue.1.insert(chunk.index) {
-                queue.0.push_back(chunk.index);
+            if !self.cache.in_memory(&chunk.entry) {
+                self.queue.push(chunk.index, chunk.entry);
             }
         }
-        self.wake.notify_all();
     }
 
     fn work(&self) {
         loop {
-            let index = {
-                let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-                loop {
-                    if let Some(index) = queue.0.pop_front() {
-                        break index;
-                    }
-                    queue = self.wake.wait(queue).unwrap_or_else(|p| p.into_inner());
-                }
-            };
-            // The entry read well when `on_read` located it; the bytes have not changed since.
-            if let Ok(entry) = self.image.table.entry(index) {
-                if let Err(error) = self.cache.get(&entry, self.store.as_ref()) {
-                    debug!(chunk = index, %error, "readahead fetch failed; a reader will retry");
-                }
+            let (index, entry) = self.queue.pop();
+            if let Err(error) = self.cache.get(&entry, self.store.as_ref()) {
+                debug!(chunk = index, %error, "readahead fetch failed; a reader will retry");
             }
-            self.queue.lock().unwrap_or_else(|p| p.into_inner()).1.remove(&index);
+            self.queue.done(&index);
         }
     }
 }

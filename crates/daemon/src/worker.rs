@@ -59,7 +59,7 @@ pub fn run_worker() -> Result<(), MountError> {
     let started = handover::receive(channel.as_fd()).map_err(MountError::from).and_then(|(state, fds)| {
         handover::check_peer(channel.as_fd(), state.spec.owner_uid)?;
         let SessionFds { fuse, image, chunks, opens } = fds;
-        let table = opens.as_ref().map(OpenTable::adopt).transpose().map_err(|e| MountError::Io { what: "mapping the open-file table".into(), source: std::io::Error::other(e) })?;
+        let table = opens.as_ref().map(OpenTable::adopt).transpose()?;
         let session = Arc::new(Session::resume(fuse, state.params, table)?);
         let fs = start_serving(&state, &session, &image, chunks.as_ref())?;
         Ok((state, session, fs, image, chunks, opens))

@@ -35,7 +35,7 @@ pub(crate) fn hold(spec: MountSpec, image_id: String, fds: SessionFds, ready: Op
     let started = (|| {
         let SessionFds { fuse, image, chunks, .. } = fds;
         let (fuse, params) = Session::init(fuse, spec.passthrough().is_some())?;
-        let opens = params.passthrough().then(OpenTable::create).transpose().map_err(|e| MountError::Io { what: "making the open-file table".into(), source: std::io::Error::other(e) })?;
+        let opens = params.passthrough().then(OpenTable::create).transpose()?;
         set_kernel_readahead(&mountpoint);
         let state = State {
             params,
